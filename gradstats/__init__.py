@@ -1,0 +1,20 @@
+"""gradstats: fused gradient statistics and clipping for stable PyTorch training.
+
+Importing this package needs neither a GPU, nor triton, nor the compiled extension:
+backends that cannot run say why (``python -m gradstats info``).
+"""
+from ._dispatch import BackendUnavailableError
+from .clip import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
+from .stats import GradStats, grad_stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "GradStats",
+    "clip_grad_norm_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
+    "grad_stats",
+    "__version__",
+]
