@@ -74,11 +74,13 @@ def _by_dtype(tensors: List[Tensor]) -> Dict[torch.dtype, List[int]]:
 
 
 def _reorder(parts: List[Tuple[List[int], Tensor]], T: int, device, dtype) -> Tensor:
-    if len(parts) == 1:
+    """Scatter per-bucket values back to tensor order (missing entries are 0)."""
+    if len(parts) == 1 and len(parts[0][0]) == T:
         return parts[0][1]
-    out = torch.empty(T, dtype=dtype, device=device)
+    out = torch.zeros(T, dtype=dtype, device=device)
     for idx, v in parts:
-        out[torch.tensor(idx, device=device)] = v
+        if idx:
+            out[torch.tensor(idx, device=device)] = v
     return out
 
 
@@ -129,9 +131,13 @@ class TorchBackend(Backend):
         if not full:
             parts = []
             for dt, idx in _by_dtype(ts).items():
-                sub = [ts[i] for i in idx]
-                norms = torch._foreach_norm(sub, p, dtype=_F32)
-                parts.append((idx, torch.stack(norms)))
+                # zero-size tensors have norm 0 (torch's inf-norm refuses them)
+                idx = [i for i in idx if ts[i].numel() > 0]
+                if idx:
+                    norms = torch._foreach_norm([ts[i] for i in idx], p, dtype=_F32)
+                    parts.append((idx, torch.stack(norms)))
+            if len(parts) != 1 or len(parts[0][0]) != T:
+                parts.append(([], torch.zeros(0, dtype=_F32, device=dev)))
             t_norm = _reorder(parts, T, dev, _F32)
             t_acc = _pow_acc(t_norm, p)
             acc = group_reduce(t_acc, dslice, "max" if math.isinf(p) else "sum")
