@@ -6,7 +6,8 @@ number of tensors on every call, so it is kept to a few C-level ``map`` passes.
 from __future__ import annotations
 
 from operator import attrgetter
-from typing import Any, Iterable, List, Sequence, Tuple
+from collections import OrderedDict
+from typing import Any, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -85,47 +86,90 @@ def groups_of_tensors(tensors_or_groups: Any, what: str = "tensors") -> List[Lis
 
 
 def check_groups(groups: List[List[Tensor]], what: str) -> None:
-    """Validate dtypes/layouts once per call (cheap attribute reads)."""
+    """Validate dtypes/layouts (run once per new set of gradients, see :func:`slices`)."""
     for grads in groups:
         for g in grads:
-            if not (g.is_floating_point() and g.layout == torch.strided) or g.is_complex():
+            if not isinstance(g, Tensor) or not g.is_floating_point() or g.is_complex() \
+                    or g.layout != torch.strided:
                 _check_grad(g, what)
 
 
-def slices(groups: List[List[Tensor]]) -> Tuple[List[DeviceSlice], List[Tensor]]:
+class Key:
+    """A hashable description of a call's gradients with its hash computed once.
+
+    Caches (plans, numel tensors, validation) look it up several times per call; a plain
+    tuple of ~150-element tuples would be re-hashed every time.
+    """
+
+    __slots__ = ("t", "h")
+
+    def __init__(self, t: tuple) -> None:
+        self.t = t
+        self.h = hash(t)
+
+    def __hash__(self) -> int:
+        return self.h
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Key) and self.h == other.h and self.t == other.t
+
+    def __repr__(self) -> str:
+        return f"Key(hash={self.h})"
+
+
+_VALIDATED: "OrderedDict[Key, None]" = OrderedDict()
+_GET_DEVICE = Tensor.get_device
+
+
+def _describe(flat: List[Tensor], sizes: tuple) -> tuple:
+    """(devices, key tuple) of the flat tensor list: a few C-level passes, no Python loop."""
+    devs = tuple(map(_GET_DEVICE, flat))
+    contig = tuple(map(_is_contig, flat))
+    t = (sizes, devs, tuple(map(_ptr, flat)), tuple(map(_numel, flat)),
+         tuple(map(_dtype, flat)), contig)
+    if not all(contig):
+        t += (tuple(g.stride() for g in flat), tuple(g.shape for g in flat))
+    return devs, t
+
+
+def slices(groups: List[List[Tensor]], what: str = "gradients"
+           ) -> Tuple[List[DeviceSlice], List[Tensor]]:
     """Split a call's gradients into one :class:`DeviceSlice` per device.
+
+    Validates the gradients the first time a given set is seen (cached by key).
 
     Returns:
         (slices in order of first appearance, the flat tensor list in parameter order)
+
+    Raises:
+        TypeError: a gradient is not a floating-point strided tensor.
     """
-    flat: List[Tensor] = []
-    group_of: List[int] = []
-    for gi, grads in enumerate(groups):
-        flat.extend(grads)
-        group_of.extend([gi] * len(grads))
     G = len(groups)
+    flat: List[Tensor] = groups[0] if G == 1 else [g for grads in groups for g in grads]
     if not flat:
         return [], flat
-    dev0 = flat[0].device
-    devices = set(map(attrgetter("device"), flat))
-    if len(devices) == 1:
-        return [DeviceSlice(dev0, flat, group_of, G, list(range(len(flat))),
-                            _key(flat, group_of, dev0))], flat
-    order = [dev0] + [d for d in dict.fromkeys(t.device for t in flat) if d != dev0]
+    sizes = tuple(map(len, groups))
+    try:
+        devs, t = _describe(flat, sizes)
+    except Exception:
+        check_groups(groups, what)  # raises the precise error (e.g. sparse tensors)
+        raise
+    key = Key(t)
+    if key in _VALIDATED:
+        _VALIDATED.move_to_end(key)
+    else:
+        check_groups(groups, what)
+        _VALIDATED[key] = None
+        if len(_VALIDATED) > 64:
+            _VALIDATED.popitem(last=False)
+    d0 = devs[0]
+    if devs.count(d0) == len(devs):
+        return [DeviceSlice(flat[0].device, flat, None, G, None, key, sizes)], flat
+    group_of = [gi for gi, n in enumerate(sizes) for _ in range(n)]
     out = []
-    for dev in order:
-        idx = [i for i, t in enumerate(flat) if t.device == dev]
+    for dev in dict.fromkeys(devs):
+        idx = [i for i, d in enumerate(devs) if d == dev]
         ts = [flat[i] for i in idx]
-        go = [group_of[i] for i in idx]
-        out.append(DeviceSlice(dev, ts, go, G, idx, _key(ts, go, dev)))
+        out.append(DeviceSlice(ts[0].device, ts, [group_of[i] for i in idx], G, idx,
+                               Key((key.t, dev))))
     return out, flat
-
-
-def _key(ts: List[Tensor], group_of: List[int], device: torch.device) -> tuple:
-    """Hashable description: equal keys <=> same memory regions, sizes, dtypes, layouts."""
-    contig = tuple(map(_is_contig, ts))
-    key = (device, tuple(map(_ptr, ts)), tuple(map(_numel, ts)), tuple(map(_dtype, ts)),
-           contig, tuple(group_of))
-    if not all(contig):
-        key += (tuple(t.stride() for t in ts), tuple(t.shape for t in ts))
-    return key

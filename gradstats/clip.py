@@ -9,6 +9,7 @@ gradients and no host synchronisation.
 from __future__ import annotations
 
 import math
+from operator import attrgetter
 import types
 import warnings
 from typing import Iterable, List, Optional, Union
@@ -19,6 +20,7 @@ from torch import Tensor
 from . import _dispatch, _grouping
 from .stats import compute_groups
 
+_GRAD = attrgetter("grad")
 _TensorOrTensors = Union[Tensor, Iterable[Tensor]]
 
 _NONFINITE_MSG = (
@@ -58,7 +60,7 @@ def scale_grads_(groups: List[List[Tensor]], coef: Tensor, backend: Optional[str
             coefficient is >= 1 are not touched (no pass over them); NaN scales.
         backend: as in :func:`gradstats.grad_stats`.
     """
-    slices, _ = _grouping.slices(groups)
+    slices, _ = _grouping.slices(groups, "parameters[i].grad")
     for s in slices:
         _dispatch.select(s, norm_type, backend).scale_(s, coef.to(s.device))
 
@@ -129,10 +131,9 @@ def clip_grads_with_norm_(parameters: _TensorOrTensors, max_norm: float, total_n
     """
     m = _check_max_norm(max_norm)
     params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [g for g in map(_GRAD, params) if g is not None]
     if not grads:
         return
-    _grouping.check_groups([grads], "parameters[i].grad")
     coef = torch.clamp(m / (total_norm + 1e-6), max=1.0).to(torch.float32)
     scale_grads_([grads], coef)
 
@@ -182,7 +183,7 @@ def clip_grad_norm_(parameters: _TensorOrTensors, max_norm: float, norm_type: fl
     p = _kernel_norm_type(norm_type)
     if p is None:  # torch's exact semantics for p <= 0 / -inf
         return torch.nn.utils.clip_grad_norm_(params, m, norm_type, error_if_nonfinite, foreach)
-    grads = [q.grad for q in params if q.grad is not None]
+    grads = [g for g in map(_GRAD, params) if g is not None]
     if not grads:
         return torch.tensor(0.0)
     st, coef, slices = compute_groups([grads], p, full=False, max_norm=m)

@@ -93,7 +93,7 @@ _NUMEL_CACHE: Dict[tuple, Tensor] = {}
 
 def _numel_tensor(groups: List[List[Tensor]], slices: List[DeviceSlice],
                   device: torch.device) -> Tensor:
-    key = (device, tuple(s.key for s in slices), len(groups))
+    key = (device, slices[0].key if len(slices) == 1 else tuple(s.key for s in slices))
     t = _NUMEL_CACHE.get(key)
     if t is None:
         vals = [sum(g.numel() for g in grads) for grads in groups]
@@ -122,7 +122,6 @@ def compute_groups(groups: List[List[Tensor]], norm_type: float = 2.0, per_tenso
         ``(GradStats, clip_coef or None, device slices)``. With ``full=False`` the
         ``max_abs``/``nonfinite`` fields may be ``None`` (norms only: the clipping path).
     """
-    _grouping.check_groups(groups, "gradients")
     slices, flat = _grouping.slices(groups)
     G = len(groups)
     if not slices:

@@ -22,14 +22,13 @@ bit-identical from call to call.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import Hashable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 
-@dataclass
 class DeviceSlice:
     """Gradients of one call that live on one device.
 
@@ -39,26 +38,53 @@ class DeviceSlice:
         group_of: group index of each tensor (non-decreasing).
         num_groups: number of groups of the whole call (groups may be empty here).
         index: position of each tensor in the call's flat tensor list.
-        key: hashable description of the tensors (addresses, sizes, dtypes, layout);
-            equal keys mean a cached kernel plan is still valid.
+        key: hashable description of the tensors (addresses, sizes, dtypes, layout,
+            groups); equal keys mean a cached kernel plan is still valid.
     """
 
-    device: torch.device
-    tensors: List[Tensor]
-    group_of: List[int]
-    num_groups: int
-    index: List[int]
-    key: tuple = field(default=())
+    __slots__ = ("device", "tensors", "_group_of", "num_groups", "_index", "key", "_sizes")
+
+    def __init__(self, device: torch.device, tensors: List[Tensor],
+                 group_of: Optional[List[int]], num_groups: int,
+                 index: Optional[List[int]], key: Hashable = None,
+                 group_sizes: Optional[Tuple[int, ...]] = None) -> None:
+        self.device = device
+        self.tensors = tensors
+        self._group_of = group_of
+        self.num_groups = num_groups
+        self._index = index
+        self.key = key if key is not None else id(self)
+        self._sizes = group_sizes
+
+    @property
+    def group_of(self) -> List[int]:
+        if self._group_of is None:
+            self._group_of = [g for g, n in enumerate(self._sizes) for _ in range(n)]
+        return self._group_of
+
+    @property
+    def index(self) -> List[int]:
+        if self._index is None:
+            self._index = list(range(len(self.tensors)))
+        return self._index
 
     @property
     def group_bounds(self) -> List[int]:
         """``bounds[g]:bounds[g+1]`` is the tensor range of group ``g`` (length G+1)."""
         bounds = [0] * (self.num_groups + 1)
+        if self._sizes is not None:
+            for g, n in enumerate(self._sizes):
+                bounds[g + 1] = bounds[g] + n
+            return bounds
         for g in self.group_of:
             bounds[g + 1] += 1
         for g in range(self.num_groups):
             bounds[g + 1] += bounds[g]
         return bounds
+
+    def __repr__(self) -> str:
+        return (f"DeviceSlice(device={self.device}, tensors={len(self.tensors)}, "
+                f"groups={self.num_groups})")
 
 
 @dataclass

@@ -26,12 +26,15 @@ class _IndexCache:
         self._d: "OrderedDict[tuple, Tuple[Tensor, int]]" = OrderedDict()
         self._size = size
 
-    def get(self, device: torch.device, group_of: List[int], G: int) -> Tuple[Tensor, int]:
-        key = (device, tuple(group_of), G)
+    def get(self, dslice: DeviceSlice) -> Tuple[Tensor, int]:
+        device, G = dslice.device, dslice.num_groups
+        layout = dslice._sizes if dslice._sizes is not None else tuple(dslice.group_of)
+        key = (device, layout, G)
         hit = self._d.get(key)
         if hit is not None:
             self._d.move_to_end(key)
             return hit
+        group_of = dslice.group_of
         counts = [0] * G
         pos = []
         width = 1
@@ -59,7 +62,7 @@ def group_reduce(vals: Tensor, dslice: DeviceSlice, op: str) -> Tensor:
     reduces along rows. ``op`` is ``"sum"`` or ``"max"``; values must be >= 0 (or NaN).
     """
     G = dslice.num_groups
-    pos, width = _INDEX.get(vals.device, dslice.group_of, G)
+    pos, width = _INDEX.get(dslice)
     pad = torch.zeros(G * width, dtype=vals.dtype, device=vals.device)
     pad.index_copy_(0, pos, vals)
     pad = pad.view(G, width)
