@@ -453,6 +453,18 @@ def test_plan_cache(backend, small_chunks, monkeypatch):
     assert len(launcher._CACHE) == 2
 
 
+def test_slice_without_key_is_not_cached(backend):
+    """DeviceSlice falls back to id(self) as key; ids are reused, so such plans aren't cached."""
+    from gradstats.backends.base import DeviceSlice
+    gen = torch.Generator().manual_seed(17)
+    groups = [[rand(gen, (50,), torch.float32)], [rand(gen, (9, 4), torch.float16).t()]]
+    ds = DeviceSlice(torch.device("cpu"), groups[0] + groups[1], [0, 1], 2, None)
+    n = len(launcher._CACHE)
+    check(backend.compute(ds, 2.0, per_tensor=True, full=True), groups, 2.0)
+    assert len(launcher._CACHE) == n
+    assert launcher.get_plan(ds) is not launcher.get_plan(ds)
+
+
 def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("GRADSTATS_TRITON_CHUNK", "4096")
     monkeypatch.setenv("GRADSTATS_TRITON_BLOCK", "512")

@@ -26,6 +26,12 @@ Non-dense gradients (slow path): the stats pass copies them into the plan's scra
 capturable); ``scale_`` multiplies them in place with ``grad.mul_(coef.clamp(max=1))``,
 a torch op that never syncs (multiplying by exactly 1.0 is bit-identical, and
 ``clamp`` keeps a NaN coefficient NaN).
+
+Outputs are fresh tensors on every call; the partials scratch, tables and non-dense scratch
+belong to the plan and are reused, so two calls on the *same* gradient set must not run
+concurrently on different CUDA streams (calls on one stream are ordered and safe). All
+device tensors of a plan are created when it is built (the first call), so later calls can
+be captured in a CUDA graph. No call reads device values on the host.
 """
 from __future__ import annotations
 
@@ -140,6 +146,10 @@ class Plan:
         G = dslice.num_groups
         self.T, self.G = T, G
 
+        group_start = np.asarray(dslice.group_bounds, dtype=np.int64).reshape(G + 1)
+        if group_start[-1] != T or np.any(np.diff(group_start) < 0):
+            raise ValueError("DeviceSlice groups must be contiguous, non-decreasing ranges")
+        group_of = np.repeat(np.arange(G, dtype=np.int64), np.diff(group_start))
         numel = np.fromiter(map(Tensor.numel, ts), dtype=np.int64, count=T)
         elsize = np.fromiter(map(Tensor.element_size, ts), dtype=np.int64, count=T)
         dtypes = [t.dtype for t in ts]
@@ -169,14 +179,12 @@ class Plan:
                 view = buf[o:o + int(numel[i])].view(ts[i].shape)
                 self.copies.append((i, view))
                 ptr[i] = view.data_ptr()
-                self.torch_scaled.append((i, dslice.group_of[i]))
+                self.torch_scaled.append((i, int(group_of[i])))
 
         tb, tid, addr, length = chunk_table(ptr, numel, elsize, chunk)
         C = int(tb[-1])
         self.C = C
-        group_of = np.asarray(dslice.group_of, dtype=np.int64).reshape(T)
-        # group g's tensors are gstart[g]:gstart[g+1] (group_of is non-decreasing)
-        gstart = np.searchsorted(group_of, np.arange(G + 1), side="left")
+        gstart = group_start  # group g's tensors are gstart[g]:gstart[g+1]
         gb = tb[gstart]
         slot = np.arange(C, dtype=np.int64)
         grp = group_of[tid]
@@ -233,9 +241,11 @@ def clear_cache() -> None:
 def get_plan(dslice: DeviceSlice) -> Plan:
     """The cached plan of ``dslice`` (built on a miss; slices without a key are not cached)."""
     cfg = config()
-    if not dslice.key:
+    k = dslice.key
+    if k is None or (isinstance(k, int) and k == id(dslice)) or k == ():
+        # No real key (DeviceSlice falls back to id(self), which Python reuses): no caching.
         return Plan(dslice, cfg)
-    key = (dslice.key, dslice.num_groups, cfg)
+    key = (k, dslice.device, dslice.num_groups, cfg)
     with _LOCK:
         plan = _CACHE.get(key)
         if plan is not None:
