@@ -1,27 +1,176 @@
-"""Build script. Metadata lives in pyproject.toml; this file only adds the C++/CUDA extension.
+"""Build script. Metadata lives in pyproject.toml; this file only adds the compiled
+extension ``gradstats._C`` (``csrc/``): the CPU kernels always, the CUDA kernels when
+torch has CUDA and nvcc is found.
 
 Environment:
-    GRADSTATS_NO_EXT=1       install pure Python (no compiled extension).
-    GRADSTATS_BUILD_CUDA=0/1 force the CUDA part off/on (default: on when torch has CUDA
-                             and nvcc is found).
-A failed extension build never fails the install: ``import gradstats`` then reports the
-native backend as unavailable, with the reason.
+    GRADSTATS_NO_EXT=1        install pure Python (no compiled extension).
+    GRADSTATS_BUILD_CUDA=0/1  force the CUDA part off/on (default: on when torch was built
+                              with CUDA and nvcc is found).
+    TORCH_CUDA_ARCH_LIST      if set, the CUDA targets torch's build helpers derive from it;
+                              otherwise sm_90 code plus compute_75 PTX (JIT on other GPUs).
+
+A failed extension build never fails the install: a warning is printed, the reason is
+written to ``gradstats/_ext_status.txt``, and ``import gradstats`` reports the native
+backend as unavailable with that reason.
+
+CPU kernels: ``csrc/cpu/stats_kernel.h`` is compiled three times, with the baseline flags,
+with AVX2/FMA/F16C and with AVX512 (x86-64 only), each into its own namespace; the
+extension picks the best one the running CPU supports (capped by torch's own
+``ATEN_CPU_CAPABILITY`` choice), so a build made here also runs on older x86-64 CPUs.
 """
+import copy
 import os
+import platform
+import shutil
 import sys
+import traceback
 
 from setuptools import setup
 
+STATUS_FILE = "_ext_status.txt"
+# Sources compiled with extra instruction-set flags (and only those sources).
+ISA_FLAGS = {
+    "kernel_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
+    "kernel_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+                          "-mf16c"],
+}
 
-def _ext_modules():
-    if os.environ.get("GRADSTATS_NO_EXT") == "1" or not os.path.isdir("csrc"):
+
+def _log(msg):
+    print(f"gradstats setup: {msg}", file=sys.stderr)
+
+
+def _want_cuda(torch, cpp_extension):
+    env = os.environ.get("GRADSTATS_BUILD_CUDA", "").strip()
+    if env == "0":
+        return False
+    have = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None \
+        and shutil.which(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")) is not None
+    if env == "1":
+        if not have:
+            _log("GRADSTATS_BUILD_CUDA=1 but torch has no CUDA or nvcc was not found; "
+                 "the CUDA build will be attempted and is likely to fail")
+        return True
+    return have
+
+
+def _extensions():
+    """(ext_modules, cmdclass) for setup(); empty when the extension is not wanted."""
+    if os.environ.get("GRADSTATS_NO_EXT", "").strip() == "1":
+        _log("GRADSTATS_NO_EXT=1: installing pure Python (no gradstats._C)")
+        return [], {}
+    if not os.path.isdir("csrc"):
         return [], {}
     try:
-        from csrc_build import extension  # noqa: F401  (provided by the native-kernels work)
-    except Exception:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception as e:  # no torch at build time: pure Python
+        _log(f"torch is not importable ({e}); installing without gradstats._C")
         return [], {}
-    return extension()
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+    unix = os.name == "posix"
+    sources = ["csrc/ops.cpp", "csrc/cpu/kernel_default.cpp"]  # default build links first
+    macros = []
+    if x86 and unix:
+        sources += ["csrc/cpu/kernel_avx2.cpp", "csrc/cpu/kernel_avx512.cpp"]
+        macros += [("GRADSTATS_HAVE_AVX2", "1"), ("GRADSTATS_HAVE_AVX512", "1")]
+    cxx = ["-O3"] if unix else ["/O2"]
+    link = []
+    # at::parallel_for is inline: with torch's OpenMP backend the extension must be
+    # compiled with OpenMP, or it runs single-threaded. At run time the libgomp torch
+    # already loaded (same soname) serves it.
+    if unix and "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
+    with_cuda = _want_cuda(torch, cpp_extension)
+    if with_cuda:
+        sources.append("csrc/cuda/stats_cuda.cu")
+        macros.append(("GRADSTATS_WITH_CUDA", "1"))
+        nvcc = ["-O3"]
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            nvcc += ["-gencode=arch=compute_90,code=sm_90",
+                     "-gencode=arch=compute_75,code=compute_75"]
+        ext = cpp_extension.CUDAExtension(
+            "gradstats._C", sources, define_macros=macros,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
+    else:
+        ext = cpp_extension.CppExtension(
+            "gradstats._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},
+            extra_link_args=link)
+
+    class BuildExt(cpp_extension.BuildExtension):
+        """torch's BuildExtension, with per-file ISA flags and a build that may fail."""
+
+        def __init__(self, *args, **kwargs):
+            # Per-source flags need the one-file-at-a-time compile path (not ninja).
+            kwargs["use_ninja"] = False
+            super().__init__(*args, **kwargs)
+
+        def _status_path(self, ext):
+            return os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), STATUS_FILE)
+
+        def _record_failure(self, ext, err):
+            msg = f"{type(err).__name__}: {err}"
+            _log("WARNING: building the native extension gradstats._C failed; gradstats "
+                 "will run without the native backend. Reason: " + msg)
+            try:
+                target = self.get_ext_fullpath(ext.name)
+                if os.path.exists(target):  # do not leave a stale library behind
+                    os.remove(target)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(self._status_path(ext), "w") as f:
+                    f.write("build failed: " + msg + "\n\n" + traceback.format_exc())
+            except OSError:
+                pass
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as e:  # e.g. no C++ compiler: never fail the install
+                for ext_ in self.extensions:
+                    self._record_failure(ext_, e)
+
+        def build_extension(self, ext):
+            inner = self.compiler._compile
+
+            def _compile(obj, src, ext_, cc_args, extra_postargs, pp_opts):
+                extra = ISA_FLAGS.get(os.path.basename(src))
+                if extra:
+                    extra_postargs = copy.deepcopy(extra_postargs)
+                    if isinstance(extra_postargs, dict):
+                        extra_postargs["cxx"] = list(extra_postargs["cxx"]) + extra
+                    else:
+                        extra_postargs = list(extra_postargs) + extra
+                return inner(obj, src, ext_, cc_args, extra_postargs, pp_opts)
+
+            self.compiler._compile = _compile
+            try:
+                try:
+                    super().build_extension(ext)
+                except Exception as e:
+                    cu = [s for s in ext.sources if s.endswith(".cu")]
+                    if not cu:
+                        raise
+                    # Keep the CPU kernels when only the CUDA part fails to build.
+                    _log(f"WARNING: the CUDA kernels failed to build ({e}); "
+                         "retrying without them")
+                    ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
+                    ext.define_macros = [m for m in ext.define_macros
+                                         if m[0] != "GRADSTATS_WITH_CUDA"]
+                    super().build_extension(ext)
+            except Exception as e:
+                self._record_failure(ext, e)
+                return
+            finally:
+                self.compiler._compile = inner
+            try:
+                os.remove(self._status_path(ext))
+            except OSError:
+                pass
+
+    return [ext], {"build_ext": BuildExt}
 
 
-ext_modules, cmdclass = _ext_modules()
+ext_modules, cmdclass = _extensions()
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -6,15 +6,19 @@ backends that cannot run say why (``python -m gradstats info``).
 from ._dispatch import BackendUnavailableError
 from .clip import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
 from .stats import GradStats, grad_stats
+from . import policies
+from .optim import StableOptimizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
     "GradStats",
+    "StableOptimizer",
     "clip_grad_norm_",
     "clip_grads_with_norm_",
     "get_total_norm",
     "grad_stats",
+    "policies",
     "__version__",
 ]

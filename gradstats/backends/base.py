@@ -53,7 +53,7 @@ class DeviceSlice:
         self._group_of = group_of
         self.num_groups = num_groups
         self._index = index
-        self.key = key if key is not None else id(self)
+        self.key = key  # None: not cacheable (never cache by id())
         self._sizes = group_sizes
 
     @property
