@@ -1,35 +1,167 @@
 """Native backend: C++/CUDA kernels from ``csrc/`` registered as ``torch.ops.gradstats``.
 
-Available only when the compiled extension ``gradstats._C`` was built.
+Available when the compiled extension ``gradstats._C`` was built (``pip install
+--no-build-isolation -e .`` builds it wherever a C++ compiler exists). Ops:
+
+* ``torch.ops.gradstats.stats(tensors, group_bounds, norm_type, max_norm)``: one pass over
+  all gradients of all groups; returns raw partials (per group and per tensor) and the
+  final norms, NaN/Inf counts, max-abs and clipping coefficient, as fresh tensors.
+* ``torch.ops.gradstats.scale_(tensors, group_bounds, coef)``: in-place multiply by a
+  device-resident coefficient (0-dim or one per group); groups whose coefficient is
+  >= 1 are not touched.
+
+Bytes moved (CPU): the stats op reads each gradient once (chunks of 64K elements spread
+over the intra-op threads, vectorised with ``at::vec``; the AVX512/AVX2/baseline build is
+chosen at run time). Non-contiguous gradients that are not a dense permutation are copied
+once first. The scale op reads and writes each gradient once, only when it clips.
+
+The fake (meta) kernels below let the ops run under ``torch.compile`` and fake tensors.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+import os
+from typing import Dict, List, Optional, Tuple
 
-from .base import Backend, DeviceSlice, Partials
+import torch
+from torch import Tensor
+
+from .base import Backend, DeviceSlice, FinalStats, Partials
+
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_C = None
+_LOAD_ERROR: Optional[str] = None
+_LOADED = False
 
 
-def _load_error() -> Optional[str]:
+def _status_note() -> str:
+    """First line of the build status file setup.py leaves when the build failed."""
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_ext_status.txt")
     try:
-        from .. import _C  # noqa: F401
+        with open(path) as f:
+            first = f.readline().strip()
+        return f"; {first} (see {path})" if first else ""
+    except OSError:
+        return ""
+
+
+def _load() -> Optional[str]:
+    """Import ``gradstats._C`` once and register the fake kernels. Returns an error or None."""
+    global _C, _LOAD_ERROR, _LOADED
+    if _LOADED:
+        return _LOAD_ERROR
+    _LOADED = True
+    if os.environ.get("GRADSTATS_NO_EXT", "").strip() == "1":
+        _LOAD_ERROR = "GRADSTATS_NO_EXT=1 is set (the compiled extension is not used)"
+        return _LOAD_ERROR
+    try:
+        from .. import _C as mod  # noqa: N814
     except Exception as e:
-        return ("the compiled extension gradstats._C is not built "
-                f"({type(e).__name__}: {e}); reinstall with "
-                "`pip install --no-build-isolation -e .`")
+        _LOAD_ERROR = ("the compiled extension gradstats._C is not built "
+                       f"({type(e).__name__}: {e}){_status_note()}; build it with "
+                       "`pip install --no-build-isolation -e .`")
+        return _LOAD_ERROR
+    try:
+        _register_fakes()
+    except Exception as e:  # pragma: no cover - depends on the torch version
+        _LOAD_ERROR = f"registering the fake kernels failed ({type(e).__name__}: {e})"
+        return _LOAD_ERROR
+    _C = mod
     return None
 
 
+def _register_fakes() -> None:
+    @torch.library.register_fake("gradstats::stats")
+    def _stats_fake(tensors: List[Tensor], group_bounds: List[int], norm_type: float,
+                    max_norm: Optional[float] = None) -> Tuple[Tensor, ...]:
+        T, G = len(tensors), len(group_bounds) - 1
+        dev = tensors[0].device if tensors else torch.device("cpu")
+
+        def f32(*shape):
+            return torch.empty(shape, dtype=torch.float32, device=dev)
+
+        def i64(*shape):
+            return torch.empty(shape, dtype=torch.int64, device=dev)
+
+        return (f32(G), f32(G), i64(G), i64(G), f32(T), i64(T), i64(T), f32(G), f32(),
+                i64(G), f32(T), f32())
+
+    @torch.library.register_fake("gradstats::scale_")
+    def _scale_fake(tensors: List[Tensor], group_bounds: List[int], coef: Tensor) -> None:
+        return None
+
+
+def extension():
+    """The loaded ``gradstats._C`` module, or ``None``."""
+    _load()
+    return _C
+
+
+def describe() -> str:
+    """One line for ``gradstats info``: kernel builds in use, or why unavailable."""
+    err = _load()
+    if err:
+        return "unavailable because " + err
+    cuda = "built" if _C.cuda_built() else "not built"
+    return (f"CPU kernels {_C.cpu_capability()} (this CPU runs: "
+            f"{', '.join(_C.cpu_capabilities())}); CUDA kernels {cuda}")
+
+
+_BOUNDS: Dict[tuple, List[int]] = {}
+
+
+def _bounds(dslice: DeviceSlice) -> List[int]:
+    key = dslice.key
+    if key is None:
+        return dslice.group_bounds
+    b = _BOUNDS.get(key)
+    if b is None:
+        if len(_BOUNDS) > 64:
+            _BOUNDS.clear()
+        b = _BOUNDS[key] = dslice.group_bounds
+    return b
+
+
 class NativeBackend(Backend):
+    """C++ (CPU) and CUDA kernels of ``csrc/``."""
+
     name = "native"
 
     def unavailable_reason(self) -> Optional[str]:
-        return _load_error()
+        return _load()
 
     def unsupported_reasons(self, dslice: DeviceSlice, norm_type: float) -> List[str]:
-        return ["native kernels are not implemented yet"]
+        why: List[str] = []
+        dev = dslice.device.type
+        if dev == "cuda":
+            if not _C.cuda_built():
+                why.append("gradstats._C was built without the CUDA kernels (torch without "
+                           "CUDA, nvcc not found, or GRADSTATS_BUILD_CUDA=0)")
+        elif dev != "cpu":
+            why.append(f"device {dslice.device}: native kernels exist for cpu and cuda only")
+        bad = sorted({str(t.dtype) for t in dslice.tensors if t.dtype not in _SUPPORTED_DTYPES})
+        if bad:
+            why.append(f"dtype {', '.join(bad)}: native kernels handle float32, bfloat16 and "
+                       "float16")
+        if not (norm_type > 0):
+            why.append(f"norm_type={norm_type}: only p > 0 and inf are supported")
+        return why
 
-    def compute(self, dslice, norm_type, per_tensor, full, max_norm=None) -> Partials:
-        raise NotImplementedError("native backend unavailable")
+    def compute(self, dslice: DeviceSlice, norm_type: float, per_tensor: bool,
+                full: bool, max_norm: Optional[float] = None) -> Partials:
+        p = float(norm_type)
+        (acc, max_abs, n_nan, n_inf, t_acc, t_nan, t_inf, norm, total, nonfinite, ptn,
+         coef) = torch.ops.gradstats.stats(dslice.tensors, _bounds(dslice), p,
+                                           None if max_norm is None else float(max_norm))
+        final = FinalStats(norm=norm, total_norm=total, max_abs=max_abs, nonfinite=nonfinite,
+                           per_tensor_norm=ptn if per_tensor else None,
+                           clip_coef=coef if max_norm is not None else None)
+        return Partials(acc=acc, max_abs=max_abs, n_nan=n_nan, n_inf=n_inf,
+                        t_acc=t_acc if per_tensor else None,
+                        t_nan=t_nan if per_tensor else None,
+                        t_inf=t_inf if per_tensor else None, final=final)
 
-    def scale_(self, dslice, coef) -> None:
-        raise NotImplementedError("native backend unavailable")
+    def scale_(self, dslice: DeviceSlice, coef: Tensor) -> None:
+        if coef.device != dslice.device or coef.dtype != torch.float32:
+            coef = coef.to(device=dslice.device, dtype=torch.float32)
+        torch.ops.gradstats.scale_(dslice.tensors, _bounds(dslice), coef)
+

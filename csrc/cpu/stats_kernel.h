@@ -1,0 +1,277 @@
+// CPU kernels of gradstats, written once against at::vec and compiled once per CPU
+// capability (kernel_default.cpp, kernel_avx2.cpp, kernel_avx512.cpp). The including file
+// defines GRADSTATS_CAP (namespace name) and GRADSTATS_TABLE_FN (table getter name).
+//
+// Only at::vec and c10 scalar types are used here: no Tensor, no dispatcher, no threads.
+// The host code (ops.cpp) cuts the tensors into chunks and runs these functions on ranges
+// of chunks from at::parallel_for.
+//
+// Bytes moved: the statistics read every element once; the scale pass reads and writes
+// every element of the tensors it is asked to scale once.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "../gradstats_common.h"
+
+#if !defined(GRADSTATS_CAP) || !defined(GRADSTATS_TABLE_FN)
+#error "define GRADSTATS_CAP and GRADSTATS_TABLE_FN before including stats_kernel.h"
+#endif
+
+namespace gradstats {
+namespace cpu {
+namespace GRADSTATS_CAP {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();
+// Elements consumed per inner iteration: four independent float vectors.
+constexpr int64_t kStep = 4 * kW;
+// Inner iterations per block. Each lane of the four block accumulators sums
+// kBlockIters values; block sums are then added into the chunk accumulator. Two short
+// float sums instead of one long one keep the float32 rounding error small.
+constexpr int64_t kBlockIters = 16;
+
+template <typename T>
+struct Loader;
+
+template <>
+struct Loader<float> {
+  static inline void load4(const float* x, Vec (&v)[4]) {
+    v[0] = Vec::loadu(x);
+    v[1] = Vec::loadu(x + kW);
+    v[2] = Vec::loadu(x + 2 * kW);
+    v[3] = Vec::loadu(x + 3 * kW);
+  }
+};
+
+template <typename T>
+struct Loader {  // BFloat16 / Half: one reduced vector holds two float vectors
+  using RVec = at::vec::Vectorized<T>;
+  static_assert(RVec::size() == 2 * kW, "reduced vector must hold two float vectors");
+  static inline void load4(const T* x, Vec (&v)[4]) {
+    auto lo = at::vec::convert_to_float<T>(RVec::loadu(x));
+    auto hi = at::vec::convert_to_float<T>(RVec::loadu(x + 2 * kW));
+    v[0] = std::get<0>(lo);
+    v[1] = std::get<1>(lo);
+    v[2] = std::get<0>(hi);
+    v[3] = std::get<1>(hi);
+  }
+};
+
+// One vector of elements into (accumulator, running max). NaN/Inf need no test here:
+// for the summing modes they turn the accumulator into NaN/Inf, for p = inf the
+// NaN-propagating maximum does; either sends the chunk to the exact slow path.
+template <int MODE>
+static inline void step(const Vec& v, Vec& acc, Vec& mx) {
+  Vec a = v.abs();
+  if constexpr (MODE == kModeL2) {
+    acc = at::vec::fmadd(v, v, acc);
+    mx = at::vec::clamp_min(a, mx);
+  } else if constexpr (MODE == kModeL1) {
+    acc = acc + a;
+    mx = at::vec::clamp_min(a, mx);
+  } else {  // kModeInf
+    mx = at::vec::maximum(mx, a);
+  }
+}
+
+// Exact per-element pass, used for chunks that hold NaN/Inf (or whose float32 sum
+// overflowed) and for general p: counts NaN and Inf, leaves them out of acc and max,
+// accumulates in double.
+template <typename T>
+static void slow_chunk(const T* x, int64_t n, int32_t mode, float p, ChunkPartial& out) {
+  double s = 0.0;
+  float m = 0.0f;
+  int64_t n_nan = 0, n_inf = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = static_cast<float>(x[i]);
+    if (std::isnan(v)) {
+      ++n_nan;
+      continue;
+    }
+    const float a = std::fabs(v);
+    if (std::isinf(a)) {
+      ++n_inf;
+      continue;
+    }
+    m = std::max(m, a);
+    if (mode == kModeL2) {
+      s += static_cast<double>(a) * static_cast<double>(a);
+    } else if (mode == kModeL1) {
+      s += static_cast<double>(a);
+    } else if (mode == kModeP) {
+      s += static_cast<double>(std::pow(a, p));
+    }
+  }
+  out.acc = (mode == kModeInf) ? static_cast<double>(m) : s;
+  out.max_abs = m;
+  out.pad_ = 0.0f;
+  out.n_nan = n_nan;
+  out.n_inf = n_inf;
+}
+
+// Vectorised pass over one chunk (all-finite fast path).
+template <typename T, int MODE>
+static void fast_chunk(const T* x, int64_t n, float p, ChunkPartial& out) {
+  Vec cacc(0.0f), cmax(0.0f);
+  const int64_t nfull = n - n % kStep;
+  int64_t i = 0;
+  while (i < nfull) {
+    const int64_t bend = std::min(nfull, i + kStep * kBlockIters);
+    Vec a0(0.0f), a1(0.0f), a2(0.0f), a3(0.0f);
+    Vec m0(0.0f), m1(0.0f), m2(0.0f), m3(0.0f);
+    for (; i < bend; i += kStep) {
+      Vec v[4];
+      Loader<T>::load4(x + i, v);
+      step<MODE>(v[0], a0, m0);
+      step<MODE>(v[1], a1, m1);
+      step<MODE>(v[2], a2, m2);
+      step<MODE>(v[3], a3, m3);
+    }
+    if constexpr (MODE != kModeInf) {
+      cacc = cacc + ((a0 + a1) + (a2 + a3));
+    }
+    cmax = at::vec::maximum(cmax, at::vec::maximum(at::vec::maximum(m0, m1),
+                                                   at::vec::maximum(m2, m3)));
+  }
+  if (i < n) {  // tail: fewer than kStep elements, zero padded (zeros change nothing)
+    float buf[kStep];
+    const int64_t rest = n - i;
+    for (int64_t j = 0; j < kStep; ++j) {
+      buf[j] = j < rest ? static_cast<float>(x[i + j]) : 0.0f;
+    }
+    Vec v[4];
+    Loader<float>::load4(buf, v);
+    Vec a0(0.0f), a1(0.0f), a2(0.0f), a3(0.0f);
+    Vec m0(0.0f), m1(0.0f), m2(0.0f), m3(0.0f);
+    step<MODE>(v[0], a0, m0);
+    step<MODE>(v[1], a1, m1);
+    step<MODE>(v[2], a2, m2);
+    step<MODE>(v[3], a3, m3);
+    if constexpr (MODE != kModeInf) {
+      cacc = cacc + ((a0 + a1) + (a2 + a3));
+    }
+    cmax = at::vec::maximum(cmax, at::vec::maximum(at::vec::maximum(m0, m1),
+                                                   at::vec::maximum(m2, m3)));
+  }
+  float lanes_acc[kW], lanes_max[kW];
+  cacc.store(lanes_acc);
+  cmax.store(lanes_max);
+  double s = 0.0;
+  float m = 0.0f;
+  bool nan_max = false;
+  for (int64_t l = 0; l < kW; ++l) {  // fixed order
+    s += static_cast<double>(lanes_acc[l]);
+    nan_max |= std::isnan(lanes_max[l]);
+    m = std::max(m, lanes_max[l]);
+  }
+  const bool finite = (MODE == kModeInf) ? (!nan_max && std::isfinite(m))
+                                         : (std::isfinite(s) && !nan_max && std::isfinite(m));
+  if (!finite) {
+    slow_chunk<T>(x, n, MODE, p, out);
+    return;
+  }
+  out.acc = (MODE == kModeInf) ? static_cast<double>(m) : s;
+  out.max_abs = m;
+  out.pad_ = 0.0f;
+  out.n_nan = 0;
+  out.n_inf = 0;
+}
+
+template <typename T>
+static void chunk_dispatch_mode(const T* x, int64_t n, int32_t mode, float p,
+                                ChunkPartial& out) {
+  switch (mode) {
+    case kModeL2:
+      fast_chunk<T, kModeL2>(x, n, p, out);
+      break;
+    case kModeL1:
+      fast_chunk<T, kModeL1>(x, n, p, out);
+      break;
+    case kModeInf:
+      fast_chunk<T, kModeInf>(x, n, p, out);
+      break;
+    default:  // general p: pow per element, exact path
+      slow_chunk<T>(x, n, mode, p, out);
+      break;
+  }
+}
+
+void stats_impl(const CpuChunk* chunks, int64_t count, int32_t mode, float p,
+                ChunkPartial* out) {
+  for (int64_t c = 0; c < count; ++c) {
+    const CpuChunk& ch = chunks[c];
+    switch (ch.dtype) {
+      case kF32:
+        chunk_dispatch_mode(static_cast<const float*>(ch.ptr), ch.n, mode, p, out[c]);
+        break;
+      case kBF16:
+        chunk_dispatch_mode(static_cast<const c10::BFloat16*>(ch.ptr), ch.n, mode, p, out[c]);
+        break;
+      default:
+        chunk_dispatch_mode(static_cast<const c10::Half*>(ch.ptr), ch.n, mode, p, out[c]);
+        break;
+    }
+  }
+}
+
+static void scale_f32(float* x, int64_t n, float c) {
+  const Vec cv(c);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    (Vec::loadu(x + i) * cv).store(x + i);
+  }
+  for (; i < n; ++i) {
+    x[i] = x[i] * c;
+  }
+}
+
+template <typename T>
+static void scale_reduced(T* x, int64_t n, float c) {
+  using RVec = at::vec::Vectorized<T>;
+  const Vec cv(c);
+  int64_t i = 0;
+  for (; i + RVec::size() <= n; i += RVec::size()) {
+    auto f = at::vec::convert_to_float<T>(RVec::loadu(x + i));
+    at::vec::convert_from_float<T>(std::get<0>(f) * cv, std::get<1>(f) * cv).store(x + i);
+  }
+  for (; i < n; ++i) {
+    x[i] = static_cast<T>(static_cast<float>(x[i]) * c);
+  }
+}
+
+void scale_impl(void* ptr, int32_t dtype, int64_t n, float c) {
+  switch (dtype) {
+    case kF32:
+      scale_f32(static_cast<float*>(ptr), n, c);
+      break;
+    case kBF16:
+      scale_reduced(static_cast<c10::BFloat16*>(ptr), n, c);
+      break;
+    default:
+      scale_reduced(static_cast<c10::Half*>(ptr), n, c);
+      break;
+  }
+}
+
+#define GRADSTATS_STR2(x) #x
+#define GRADSTATS_STR(x) GRADSTATS_STR2(x)
+
+const KernelTable kTable = {GRADSTATS_STR(GRADSTATS_CAP), &stats_impl, &scale_impl};
+
+}  // namespace
+}  // namespace GRADSTATS_CAP
+
+const KernelTable* GRADSTATS_TABLE_FN() { return &GRADSTATS_CAP::kTable; }
+
+}  // namespace cpu
+}  // namespace gradstats

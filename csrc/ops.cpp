@@ -1,0 +1,469 @@
+// gradstats native ops: schemas (TORCH_LIBRARY), the CPU implementations, and the
+// Python module object `gradstats._C` (importing it registers the ops).
+//
+//   torch.ops.gradstats.stats(tensors, group_bounds, norm_type, max_norm)
+//       One pass over all tensors of all groups. Group g is
+//       tensors[group_bounds[g]:group_bounds[g+1]]. Returns fresh tensors:
+//         acc[G] f32        sum |x|^p over finite elements (max |x| for p = inf)
+//         max_abs[G] f32    largest finite |x| (0 if none)
+//         n_nan[G], n_inf[G] i64
+//         t_acc[T] f32, t_nan[T] i64, t_inf[T] i64       the same per tensor
+//         norm[G] f32       acc^(1/p); NaN if a NaN was seen, else Inf if an Inf was
+//         total_norm[] f32  the norm over all groups (same NaN/Inf rule)
+//         nonfinite[G] i64  n_nan + n_inf
+//         per_tensor_norm[T] f32
+//         clip_coef[] f32   clamp(max_norm / (total_norm + 1e-6), max=1) computed with
+//                           torch's float32 rounding steps; 1 when max_norm is None.
+//   torch.ops.gradstats.scale_(tensors, group_bounds, coef)
+//       x *= coef[g] (coef 0-dim: one value for all groups) in place, only for groups whose
+//       coefficient is < 1 or NaN; the others are not read. x = (float)x * c rounded to
+//       the element type, as torch's mul_ by a float32 0-dim tensor.
+//
+// Determinism: every tensor is cut into chunks of kChunk elements at fixed offsets; each
+// chunk's partials go to their own slot; slots are reduced per tensor, tensors per group,
+// groups into the total, all in index order and in double. Threads only decide who
+// computes a slot, never what goes into it: results are bit-identical for any thread
+// count.
+#include <Python.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cctype>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include "gradstats_common.h"
+
+namespace gradstats {
+namespace {
+
+using at::Tensor;
+
+// ---------------------------------------------------------------------------------------
+// CPU capability selection
+// ---------------------------------------------------------------------------------------
+
+struct CapEntry {
+  const char* name;
+  const cpu::KernelTable* (*table)();
+  bool (*cpu_has)();
+};
+
+bool has_default() { return true; }
+#if defined(GRADSTATS_HAVE_AVX2)
+bool has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
+#endif
+#if defined(GRADSTATS_HAVE_AVX512)
+bool has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+#endif
+
+// Best first.
+const std::vector<CapEntry>& capabilities() {
+  static const std::vector<CapEntry> caps = {
+#if defined(GRADSTATS_HAVE_AVX512)
+      {"AVX512", &cpu::table_avx512, &has_avx512},
+#endif
+#if defined(GRADSTATS_HAVE_AVX2)
+      {"AVX2", &cpu::table_avx2, &has_avx2},
+#endif
+      {"DEFAULT", &cpu::table_default, &has_default},
+  };
+  return caps;
+}
+
+int cap_rank(const std::string& name) {
+  if (name == "AVX512") return 2;
+  if (name == "AVX2") return 1;
+  return 0;
+}
+
+// The best build this CPU runs, capped by torch's own choice (at::get_cpu_capability,
+// which honours ATEN_CPU_CAPABILITY) and by GRADSTATS_CPU_CAPABILITY if set.
+const CapEntry* choose_capability() {
+  int limit = cap_rank(at::get_cpu_capability());
+  if (const char* env = std::getenv("GRADSTATS_CPU_CAPABILITY")) {
+    std::string s(env);
+    for (auto& ch : s) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+    if (!s.empty()) limit = std::min(limit, cap_rank(s));
+  }
+  for (const auto& c : capabilities()) {
+    if (cap_rank(c.name) <= limit && c.cpu_has()) return &c;
+  }
+  return &capabilities().back();
+}
+
+std::atomic<const CapEntry*> g_cap{nullptr};
+
+const CapEntry* current_cap() {
+  const CapEntry* c = g_cap.load(std::memory_order_acquire);
+  if (c == nullptr) {
+    c = choose_capability();
+    g_cap.store(c, std::memory_order_release);
+  }
+  return c;
+}
+
+const cpu::KernelTable* kernels() { return current_cap()->table(); }
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+// Below this many elements a call runs on the calling thread (thread start-up costs more).
+constexpr int64_t kParallelMinElems = 4 * kChunk;
+
+// Runs fn(begin, end) over [0, n) work items, items handed out dynamically in small
+// batches (a busy core does not hold back the others). Which thread runs an item never
+// changes its result.
+template <typename F>
+void run_items(int64_t n, int64_t total_elems, const F& fn) {
+  if (n <= 0) return;
+  const int64_t nt = at::get_num_threads();
+  if (nt <= 1 || n == 1 || total_elems < kParallelMinElems || at::in_parallel_region()) {
+    fn(0, n);
+    return;
+  }
+  const int64_t workers = std::min<int64_t>(nt, n);
+  const int64_t batch = std::max<int64_t>(1, std::min<int64_t>(4, n / (workers * 16)));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t b, int64_t e) {
+    for (int64_t w = b; w < e; ++w) {
+      for (;;) {
+        const int64_t i = next.fetch_add(batch, std::memory_order_relaxed);
+        if (i >= n) break;
+        fn(i, std::min(n, i + batch));
+      }
+    }
+  });
+}
+
+int32_t dtype_code(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat:
+      return kF32;
+    case at::kBFloat16:
+      return kBF16;
+    case at::kHalf:
+      return kF16;
+    default:
+      return -1;
+  }
+}
+
+int32_t norm_mode(double p) {
+  TORCH_CHECK(p > 0, "gradstats.stats: norm_type must be > 0 or inf, got ", p);
+  if (std::isinf(p)) return kModeInf;
+  if (p == 2.0) return kModeL2;
+  if (p == 1.0) return kModeL1;
+  return kModeP;
+}
+
+int64_t check_bounds(c10::IntArrayRef bounds, int64_t T, const char* op) {
+  TORCH_CHECK(!bounds.empty() && bounds[0] == 0 && bounds.back() == T, op,
+              ": group_bounds must start at 0 and end at len(tensors)=", T);
+  for (size_t g = 1; g < bounds.size(); ++g) {
+    TORCH_CHECK(bounds[g] >= bounds[g - 1], op, ": group_bounds must be non-decreasing");
+  }
+  return static_cast<int64_t>(bounds.size()) - 1;
+}
+
+// A tensor whose elements are exactly the numel elements from data_ptr (any order).
+bool flat_ok(const Tensor& t) { return t.is_contiguous() || t.is_non_overlapping_and_dense(); }
+
+// ---------------------------------------------------------------------------------------
+// Finalize: chunk slots -> per-tensor -> per-group -> total (shared with the CUDA host
+// code through the same rules, see stats_cuda.cu)
+// ---------------------------------------------------------------------------------------
+
+double norm_from_acc(double acc, int32_t mode, double p) {
+  switch (mode) {
+    case kModeL2:
+      return std::sqrt(acc);
+    case kModeL1:
+    case kModeInf:
+      return acc;
+    default:
+      return std::pow(acc, 1.0 / p);
+  }
+}
+
+float apply_nonfinite(double norm, int64_t n_nan, int64_t n_inf) {
+  if (n_nan > 0) return std::numeric_limits<float>::quiet_NaN();
+  if (n_inf > 0) return std::numeric_limits<float>::infinity();
+  return static_cast<float>(norm);
+}
+
+// torch: clamp(max_norm / (total + 1e-6), max=1.0) on a float32 tensor is
+// reciprocal(total + float(1e-6)) * float(max_norm), each step rounded to float32.
+float clip_coef_of(float total, double max_norm) {
+  const float denom = total + static_cast<float>(1e-6);
+  const float recip = 1.0f / denom;
+  const float c = recip * static_cast<float>(max_norm);
+  return (c > 1.0f) ? 1.0f : c;  // NaN stays NaN
+}
+
+using StatsOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                            Tensor, Tensor, Tensor, Tensor>;
+
+StatsOut stats_cpu(at::TensorList tensors, c10::IntArrayRef group_bounds, double norm_type,
+                   std::optional<double> max_norm) {
+  const int64_t T = static_cast<int64_t>(tensors.size());
+  const int64_t G = check_bounds(group_bounds, T, "gradstats.stats");
+  const int32_t mode = norm_mode(norm_type);
+
+  // Chunk table, tensors in order; chunks of tensor t are [tchunk[t], tchunk[t+1]).
+  std::vector<Tensor> keep;  // contiguous copies of gradients that are not flat
+  std::vector<CpuChunk> chunks;
+  std::vector<int64_t> tchunk(T + 1, 0);
+  int64_t total_elems = 0;
+  for (int64_t i = 0; i < T; ++i) {
+    const Tensor& t0 = tensors[i];
+    TORCH_CHECK(t0.device().is_cpu(), "gradstats.stats (CPU): tensors[", i, "] is on ",
+                t0.device(), "; all tensors of one call must be on the CPU");
+    const int32_t code = dtype_code(t0.scalar_type());
+    TORCH_CHECK(code >= 0, "gradstats.stats: tensors[", i, "] has dtype ", t0.scalar_type(),
+                "; supported: float32, bfloat16, float16");
+    tchunk[i] = static_cast<int64_t>(chunks.size());
+    const int64_t n = t0.numel();
+    if (n == 0) continue;
+    const Tensor* t = &t0;
+    if (!flat_ok(t0)) {
+      keep.push_back(t0.contiguous());
+      t = &keep.back();
+    }
+    const char* base = static_cast<const char*>(t->const_data_ptr());
+    const int64_t esize = t->element_size();
+    for (int64_t off = 0; off < n; off += kChunk) {
+      chunks.push_back(CpuChunk{base + off * esize, std::min(kChunk, n - off), code,
+                                static_cast<int32_t>(i)});
+    }
+    total_elems += n;
+  }
+  tchunk[T] = static_cast<int64_t>(chunks.size());
+
+  const int64_t C = static_cast<int64_t>(chunks.size());
+  std::vector<ChunkPartial> part(C);
+  const auto* kt = kernels();
+  const float pf = static_cast<float>(norm_type);
+  run_items(C, total_elems, [&](int64_t b, int64_t e) {
+    kt->stats(chunks.data() + b, e - b, mode, pf, part.data() + b);
+  });
+
+  auto f32 = at::TensorOptions().dtype(at::kFloat);
+  auto i64 = at::TensorOptions().dtype(at::kLong);
+  Tensor acc = at::empty({G}, f32), max_abs = at::empty({G}, f32);
+  Tensor n_nan = at::empty({G}, i64), n_inf = at::empty({G}, i64);
+  Tensor t_acc = at::empty({T}, f32), t_nan = at::empty({T}, i64), t_inf = at::empty({T}, i64);
+  Tensor norm = at::empty({G}, f32), total = at::empty({}, f32);
+  Tensor nonfinite = at::empty({G}, i64), ptn = at::empty({T}, f32);
+  Tensor coef = at::empty({}, f32);
+
+  float* p_tacc = t_acc.data_ptr<float>();
+  int64_t* p_tnan = t_nan.data_ptr<int64_t>();
+  int64_t* p_tinf = t_inf.data_ptr<int64_t>();
+  float* p_ptn = ptn.data_ptr<float>();
+  float* p_acc = acc.data_ptr<float>();
+  float* p_max = max_abs.data_ptr<float>();
+  int64_t* p_nan = n_nan.data_ptr<int64_t>();
+  int64_t* p_inf = n_inf.data_ptr<int64_t>();
+  float* p_norm = norm.data_ptr<float>();
+  int64_t* p_nf = nonfinite.data_ptr<int64_t>();
+
+  const bool is_max = (mode == kModeInf);
+  double tot_acc = 0.0;
+  int64_t tot_nan = 0, tot_inf = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    double gacc = 0.0;
+    float gmax = 0.0f;
+    int64_t gnan = 0, ginf = 0;
+    for (int64_t i = group_bounds[g]; i < group_bounds[g + 1]; ++i) {
+      double a = 0.0;
+      float m = 0.0f;
+      int64_t nn = 0, ni = 0;
+      for (int64_t c = tchunk[i]; c < tchunk[i + 1]; ++c) {
+        const ChunkPartial& cp = part[c];
+        a = is_max ? std::max(a, cp.acc) : a + cp.acc;
+        m = std::max(m, cp.max_abs);
+        nn += cp.n_nan;
+        ni += cp.n_inf;
+      }
+      p_tacc[i] = static_cast<float>(a);
+      p_tnan[i] = nn;
+      p_tinf[i] = ni;
+      p_ptn[i] = apply_nonfinite(norm_from_acc(a, mode, norm_type), nn, ni);
+      gacc = is_max ? std::max(gacc, a) : gacc + a;
+      gmax = std::max(gmax, m);
+      gnan += nn;
+      ginf += ni;
+    }
+    p_acc[g] = static_cast<float>(gacc);
+    p_max[g] = gmax;
+    p_nan[g] = gnan;
+    p_inf[g] = ginf;
+    p_nf[g] = gnan + ginf;
+    p_norm[g] = apply_nonfinite(norm_from_acc(gacc, mode, norm_type), gnan, ginf);
+    tot_acc = is_max ? std::max(tot_acc, gacc) : tot_acc + gacc;
+    tot_nan += gnan;
+    tot_inf += ginf;
+  }
+  const float tot = apply_nonfinite(norm_from_acc(tot_acc, mode, norm_type), tot_nan, tot_inf);
+  *total.data_ptr<float>() = tot;
+  *coef.data_ptr<float>() = max_norm.has_value() ? clip_coef_of(tot, *max_norm) : 1.0f;
+  return StatsOut(acc, max_abs, n_nan, n_inf, t_acc, t_nan, t_inf, norm, total, nonfinite,
+                  ptn, coef);
+}
+
+struct ScaleItem {
+  void* ptr;
+  int64_t n;
+  int32_t dtype;
+  float coef;
+};
+
+void scale_cpu(at::TensorList tensors, c10::IntArrayRef group_bounds, const Tensor& coef) {
+  const int64_t T = static_cast<int64_t>(tensors.size());
+  const int64_t G = check_bounds(group_bounds, T, "gradstats.scale_");
+  TORCH_CHECK(coef.device().is_cpu(), "gradstats.scale_ (CPU): coef must be on the CPU, got ",
+              coef.device());
+  TORCH_CHECK(coef.dim() == 0 || (coef.dim() == 1 && coef.numel() == G),
+              "gradstats.scale_: coef must be 0-dim or have one value per group (", G,
+              "), got shape ", coef.sizes());
+  const Tensor cf = coef.to(at::kFloat).contiguous();
+  const float* cv = cf.const_data_ptr<float>();
+  std::vector<ScaleItem> items;
+  int64_t total_elems = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    const float c = coef.dim() == 0 ? cv[0] : cv[g];
+    if (c >= 1.0f) continue;  // clamp(max=1): nothing to do, the gradients are not read
+    for (int64_t i = group_bounds[g]; i < group_bounds[g + 1]; ++i) {
+      const Tensor& t = tensors[i];
+      TORCH_CHECK(t.device().is_cpu(), "gradstats.scale_ (CPU): tensors[", i, "] is on ",
+                  t.device());
+      const int64_t n = t.numel();
+      if (n == 0) continue;
+      const int32_t code = dtype_code(t.scalar_type());
+      if (code < 0 || !flat_ok(t)) {
+        // Other dtypes and strided views: torch's own in-place multiply (same result).
+        t.mul_(coef.dim() == 0 ? cf : cf.select(0, g));
+        continue;
+      }
+      char* base = static_cast<char*>(t.data_ptr());
+      const int64_t esize = t.element_size();
+      for (int64_t off = 0; off < n; off += kChunk) {
+        items.push_back(ScaleItem{base + off * esize, std::min(kChunk, n - off), code, c});
+      }
+      total_elems += n;
+    }
+  }
+  const auto* kt = kernels();
+  run_items(static_cast<int64_t>(items.size()), total_elems, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      kt->scale(items[k].ptr, items[k].dtype, items[k].n, items[k].coef);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace gradstats
+
+TORCH_LIBRARY(gradstats, m) {
+  m.def(
+      "stats(Tensor[] tensors, int[] group_bounds, float norm_type, float? max_norm=None) -> "
+      "(Tensor acc, Tensor max_abs, Tensor n_nan, Tensor n_inf, Tensor t_acc, Tensor t_nan, "
+      "Tensor t_inf, Tensor norm, Tensor total_norm, Tensor nonfinite, "
+      "Tensor per_tensor_norm, Tensor clip_coef)");
+  m.def("scale_(Tensor(a!)[] tensors, int[] group_bounds, Tensor coef) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(gradstats, CPU, m) {
+  m.impl("stats", &gradstats::stats_cpu);
+  m.impl("scale_", &gradstats::scale_cpu);
+}
+
+// ---------------------------------------------------------------------------------------
+// Python module gradstats._C: importing it loads this library (and registers the ops).
+// ---------------------------------------------------------------------------------------
+namespace {
+
+PyObject* py_cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(gradstats::current_cap()->name);
+}
+
+PyObject* py_cpu_capabilities(PyObject*, PyObject*) {
+  PyObject* out = PyList_New(0);
+  for (const auto& c : gradstats::capabilities()) {
+    if (c.cpu_has()) {
+      PyObject* s = PyUnicode_FromString(c.name);
+      PyList_Append(out, s);
+      Py_DECREF(s);
+    }
+  }
+  return out;
+}
+
+PyObject* py_set_cpu_capability(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  const std::string want(name);
+  for (const auto& c : gradstats::capabilities()) {
+    if (want == c.name) {
+      if (!c.cpu_has()) break;
+      const auto* prev = gradstats::current_cap();
+      gradstats::g_cap.store(&c, std::memory_order_release);
+      return PyUnicode_FromString(prev->name);
+    }
+  }
+  PyErr_Format(PyExc_ValueError,
+               "gradstats._C.set_cpu_capability: %s is not built or not supported by this CPU",
+               name);
+  return nullptr;
+}
+
+PyObject* py_cuda_built(PyObject*, PyObject*) {
+#if defined(GRADSTATS_WITH_CUDA)
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+PyObject* py_chunk_elems(PyObject*, PyObject*) { return PyLong_FromLongLong(gradstats::kChunk); }
+
+PyMethodDef kMethods[] = {
+    {"cpu_capability", py_cpu_capability, METH_NOARGS,
+     "Name of the CPU kernel build in use (AVX512, AVX2 or DEFAULT)."},
+    {"cpu_capabilities", py_cpu_capabilities, METH_NOARGS,
+     "CPU kernel builds compiled in and supported by this CPU, best first."},
+    {"set_cpu_capability", py_set_cpu_capability, METH_O,
+     "Use another CPU kernel build (for tests); returns the previous one's name."},
+    {"cuda_built", py_cuda_built, METH_NOARGS, "True when the CUDA kernels were compiled in."},
+    {"chunk_elems", py_chunk_elems, METH_NOARGS, "Elements per chunk of the kernels."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",
+                       "gradstats native kernels (registers torch.ops.gradstats.*)", -1,
+                       kMethods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&kModule); }
