@@ -1,0 +1,196 @@
+"""CPU benchmark suite: gradstats vs the eager baselines on scaled-down DESIGN.md §6 sets.
+
+Run (timings):      pytest benchmarks/test_bench_cpu.py
+Smoke test (CI):    pytest benchmarks/test_bench_cpu.py --benchmark-disable   (each once)
+Compare a run:      pytest benchmarks/test_bench_cpu.py --benchmark-json=cpu.json
+
+Sets (fp32): GPT-2 124M shapes (148 tensors) and 2000 small tensors, each tensor's element
+count multiplied by ``GRADSTATS_BENCH_SCALE`` (default 1/16; tensor counts unchanged).
+Every benchmark first checks its result against ``gradstats.reference`` (float64).
+The benchmark groups pair each gradstats function with the baselines doing the same job:
+``stats`` (all per-group statistics), ``total-norm``, ``clip-noclip`` and ``clip``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Dict, List
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import baselines as B  # noqa: E402
+import shapes as S  # noqa: E402
+
+import gradstats  # noqa: E402
+from gradstats import _dispatch  # noqa: E402
+from gradstats import reference as R  # noqa: E402
+
+SCALE = float(os.environ.get("GRADSTATS_BENCH_SCALE", 1 / 16))
+SET_NAMES = ("gpt2-124M", "small-2000")
+
+# Relative error allowed against float64 (DESIGN.md §4: 1e-5). The torch backend reduces
+# with torch's own float32 CPU kernels (as torch.nn.utils does), measured at 1.2e-5 on the
+# scaled GPT-2 set; it gets a looser bound here so the suite tracks regressions, not that.
+TOL = {"torch": 5e-5}
+TOL_DEFAULT = 1e-5
+TOL_BASELINE = 5e-5  # torch's own float32 reductions
+
+# Backends worth timing on CPU: the Triton interpreter is a test vehicle, not a benchmark.
+CPU_BACKENDS = [b for b in ("torch", "native")
+                if _dispatch.unavailable_reason(b) is None]
+MISSING = {b: _dispatch.unavailable_reason(b) for b in ("native",)
+           if _dispatch.unavailable_reason(b) is not None}
+
+
+@dataclass
+class Case:
+    name: str
+    specs: list
+    groups: List[List[torch.Tensor]]
+    ref: R.RefStats
+    nbytes: int
+
+    @property
+    def flat(self) -> List[torch.Tensor]:
+        return [g for grads in self.groups for g in grads]
+
+    def fresh_params(self) -> List[List[torch.nn.Parameter]]:
+        """Parameters holding clones of the gradients (clip benchmarks modify them)."""
+        return S.params_for([[g.clone() for g in grads] for grads in self.groups])
+
+
+_CASES: Dict[str, Case] = {}
+
+
+@pytest.fixture(scope="module", params=SET_NAMES)
+def case(request) -> Case:
+    name = request.param
+    if name not in _CASES:
+        specs = S.get(name, SCALE)
+        groups = S.build(specs, "cpu", torch.float32, seed=1)
+        _CASES[name] = Case(name, specs, groups, R.ref_grad_stats(groups),
+                            S.nbytes(specs, torch.float32))
+    return _CASES[name]
+
+
+def _label(case: Case, task: str, benchmark, nbytes: int) -> None:
+    benchmark.group = f"{case.name} x{SCALE:g} fp32 {task}"
+    benchmark.extra_info["bytes"] = nbytes
+    benchmark.extra_info["tensors"] = len(case.specs)
+
+
+def _check_stats(st, ref: R.RefStats, tol: float) -> None:
+    assert R.rel_err(st.norm, ref.norm) <= tol
+    assert R.rel_err(st.total_norm, ref.total_norm) <= tol
+    assert R.max_abs_ok(st.max_abs, ref.max_abs)
+    assert torch.equal(st.nonfinite.cpu(), ref.nonfinite)
+    assert torch.equal(st.numel.cpu(), ref.numel)
+
+
+# --------------------------------------------------------------------------- stats
+
+def test_counts_match_design():
+    """The full-size sets have the tensor counts DESIGN.md §6 states."""
+    assert S.check_counts() == S.STATED_COUNTS
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_grad_stats(benchmark, case, backend):
+    groups = S.param_groups(S.params_for(case.groups))
+    st = gradstats.grad_stats(groups, backend=backend)
+    _check_stats(st, case.ref, TOL.get(backend, TOL_DEFAULT))
+    assert torch.equal(gradstats.grad_stats(groups, backend=backend).norm, st.norm)  # bitwise
+    _label(case, "stats", benchmark, case.nbytes)
+    benchmark(gradstats.grad_stats, groups, backend=backend)
+
+
+def test_eager_group_stats(benchmark, case):
+    out = B.eager_group_stats(case.groups)
+    assert R.rel_err(out["norm"], case.ref.norm) <= TOL_BASELINE
+    assert R.max_abs_ok(out["max_abs"], case.ref.max_abs)  # finite data: equal to ours
+    assert torch.equal(out["nonfinite"], case.ref.nonfinite)
+    _label(case, "stats", benchmark, case.nbytes)
+    benchmark(B.eager_group_stats, case.groups)
+
+
+def test_foreach_norm(benchmark, case):
+    norms = B.foreach_norm(case.flat)
+    assert R.rel_err(torch.stack(norms), case.ref.per_tensor_norm) <= TOL_BASELINE
+    _label(case, "stats", benchmark, case.nbytes)
+    benchmark(B.foreach_norm, case.flat)
+
+
+def test_flat_read_floor(benchmark, case):
+    flat = B.make_flat(case.nbytes, torch.float32, "cpu")
+    assert flat.numel() * 4 == case.nbytes
+    _label(case, "stats", benchmark, case.nbytes)
+    benchmark(B.flat_read, flat)
+
+
+# --------------------------------------------------------------------------- total norm
+
+def test_get_total_norm(benchmark, case):
+    t = gradstats.get_total_norm(case.flat)
+    assert t.dtype == torch.float32 and t.dim() == 0
+    assert R.rel_err(t, case.ref.total_norm) <= max(TOL.values(), default=TOL_DEFAULT)
+    _label(case, "total-norm", benchmark, case.nbytes)
+    benchmark(gradstats.get_total_norm, case.flat)
+
+
+@pytest.mark.skipif(not B.has_get_total_norm(), reason="torch < 2.6 has no get_total_norm")
+def test_torch_get_total_norm(benchmark, case):
+    t = B.torch_get_total_norm(case.flat)
+    assert R.rel_err(t, case.ref.total_norm) <= TOL_BASELINE
+    _label(case, "total-norm", benchmark, case.nbytes)
+    benchmark(B.torch_get_total_norm, case.flat)
+
+
+# --------------------------------------------------------------------------- clipping
+
+CLIP_FNS = {
+    "gradstats": lambda ps, m: gradstats.clip_grad_norm_(ps, m),
+    "torch-foreach": B.clip_foreach,
+    "torch-loop": B.clip_loop,
+}
+NO_CLIP = 1e9
+
+
+@pytest.mark.parametrize("impl", list(CLIP_FNS))
+def test_clip_noclip(benchmark, case, impl):
+    """max_norm far above the norm: gradients must come back bit-identical."""
+    ps = [p for grads in case.fresh_params() for p in grads]
+    fn = CLIP_FNS[impl]
+    total = fn(ps, NO_CLIP)
+    assert R.rel_err(total, case.ref.total_norm) <= max(TOL.values(), default=TOL_DEFAULT)
+    for p, g in zip(ps, case.flat):
+        assert torch.equal(p.grad, g)
+    # torch always multiplies by the clamped coefficient (3N bytes); gradstats reads once.
+    _label(case, "clip-noclip", benchmark, case.nbytes * (1 if impl == "gradstats" else 3))
+    benchmark(fn, ps, NO_CLIP)
+
+
+@pytest.mark.parametrize("impl", list(CLIP_FNS))
+def test_clip(benchmark, case, impl):
+    """max_norm at half the norm: every round clips fresh gradients (restore not timed)."""
+    ps = [p for grads in case.fresh_params() for p in grads]
+    grads = [p.grad for p in ps]
+    fn = CLIP_FNS[impl]
+    max_norm = 0.5 * float(case.ref.total_norm)
+    total = fn(ps, max_norm)
+    assert R.rel_err(total, case.ref.total_norm) <= max(TOL.values(), default=TOL_DEFAULT)
+    # the coefficient torch's formula gives for the returned norm, applied in float32
+    coef = torch.clamp(max_norm / (total.float() + 1e-6), max=1.0)
+    for g, g0 in zip(grads, case.flat):
+        torch.testing.assert_close(g, g0 * coef, rtol=1e-6, atol=0.0)
+    after = R.ref_grad_stats([grads]).total_norm
+    assert math.isclose(float(after), max_norm, rel_tol=1e-4)
+
+    def restore():
+        torch._foreach_copy_(grads, case.flat)
+
+    _label(case, "clip", benchmark, case.nbytes * 3)
+    benchmark.pedantic(fn, args=(ps, max_norm), setup=restore, rounds=15, warmup_rounds=1)
