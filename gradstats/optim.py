@@ -64,7 +64,7 @@ from torch.optim import Optimizer
 
 from . import _grouping
 from .clip import _check_max_norm, scale_grads_
-from .policies import Decision, FixedNorm, Policy, StepContext, as_policy, ema_update_
+from .policies import Decision, FixedNorm, Policy, StepContext, as_policy
 from .stats import GradStats, check_norm_type, compute_groups
 
 __all__ = ["StableOptimizer", "StepRecord"]
@@ -86,9 +86,12 @@ class StepRecord:
         skipped_nonfinite: bool 0-dim, skipped for non-finite gradients/loss/AMP overflow.
         skipped_spike: bool 0-dim, skipped by a policy (spike), gradients finite.
         nonfinite: bool 0-dim, some gradient (or the loss) was NaN/Inf this step.
-        running_mean: float32 ``[G]``, EMA mean of each group's norm (before this step).
-        running_std: float32 ``[G]``, EMA standard deviation (before this step).
-        zscore: float32 ``[G]``, ``(norm - running_mean) / running_std`` (0 in warm-up).
+        running_mean: float32 ``[G]``, running mean of each group's norm (before this
+            step; computed on access from ``running``).
+        running_std: float32 ``[G]``, running standard deviation (before this step).
+        zscore: float32 ``[G]``, ``(norm - running_mean) / running_std`` (0 until a group
+            has two recorded steps).
+        running: float32 ``[3, G]``, (mean, variance, count) before this step.
         step: int64 0-dim, number of ``step()`` calls so far, this one included.
         loss: the loss given to ``step`` (0-dim float32) or ``None``.
         loss_scale: the AMP loss scale of the step, or ``None``.
@@ -104,14 +107,26 @@ class StepRecord:
     skipped_nonfinite: Tensor
     skipped_spike: Tensor
     nonfinite: Tensor
-    running_mean: Tensor
-    running_std: Tensor
-    zscore: Tensor
+    running: Tensor
     step: Tensor
     loss: Optional[Tensor] = None
     loss_scale: Optional[Tensor] = None
     info: Dict[str, Tensor] = field(default_factory=dict)
     params: List[List[Tensor]] = field(default_factory=list, repr=False)
+
+    @property
+    def running_mean(self) -> Tensor:
+        return self.running[0]
+
+    @property
+    def running_std(self) -> Tensor:
+        return self.running[1].clamp_min(0).sqrt()
+
+    @property
+    def zscore(self) -> Tensor:
+        mean, var, n = self.running[0], self.running[1], self.running[2]
+        z = (self.stats.norm - mean) / var.clamp_min(0).sqrt().clamp_min(1e-12)
+        return torch.where(n >= 2, z, torch.zeros_like(z))
 
     def tensors(self) -> Dict[str, Tensor]:
         """Every device tensor of the record by name (for loggers; no sync)."""
@@ -209,10 +224,10 @@ class StableOptimizer(Optimizer):
         >>> opt.summary()   # one sync
     """
 
-    #: EMA factor of the running statistics of each group's norm.
+    #: EMA factor of the running statistics of each group's norm. They are the plain
+    #: sample mean/variance of the norms seen so far during the first ``1/(1-alpha)``
+    #: recorded steps (the warm-up), then exponential moving averages.
     running_alpha: float = 0.97
-    #: steps during which the running statistics are plain sample statistics.
-    running_warmup: int = 25
 
     def __init__(self, optimizer: Optimizer, max_norm: Optional[float] = None, *,
                  norm_type: float = 2.0, policy: Any = None, skip_nonfinite: bool = True,
@@ -353,9 +368,9 @@ class StableOptimizer(Optimizer):
 
     def _init_own_state(self, G: int, device: torch.device) -> None:
         self._counters = torch.zeros(len(_COUNTER_NAMES), dtype=torch.int64, device=device)
-        self._run_mean = torch.zeros(G, dtype=_F32, device=device)
-        self._run_var = torch.zeros(G, dtype=_F32, device=device)
-        self._run_count = torch.zeros(G, dtype=torch.int64, device=device)
+        # running statistics of each group's norm: rows mean, variance, count
+        self._running = torch.zeros(3, G, dtype=_F32, device=device)
+        self._consts: Dict[Any, Tensor] = {}
         for p in (self.spike, self.policy):
             if p is not None:
                 p.ensure_state(G, device)
@@ -364,20 +379,14 @@ class StableOptimizer(Optimizer):
         """Move/resize the wrapper's state (host-side metadata checks only)."""
         if device != self._device:
             self._counters = self._counters.to(device)
-            self._run_mean = self._run_mean.to(device)
-            self._run_var = self._run_var.to(device)
-            self._run_count = self._run_count.to(device)
+            self._running = self._running.to(device)
+            self._consts = {}
             self._device = device
-        if G != self._run_mean.numel():
-            old = self._run_mean.numel()
-            k = min(old, G)
-
-            def fit(t: Tensor) -> Tensor:
-                new = torch.zeros(G, dtype=t.dtype, device=device)
-                new[:k] = t[:k]
-                return new
-            self._run_mean, self._run_var = fit(self._run_mean), fit(self._run_var)
-            self._run_count = fit(self._run_count)
+        if G != self._running.shape[1]:
+            new = torch.zeros(3, G, dtype=_F32, device=device)
+            k = min(G, self._running.shape[1])
+            new[:, :k] = self._running[:, :k]
+            self._running = new
         for p in (self.spike, self.policy):
             if p is not None:
                 p.ensure_state(G, device)
@@ -401,8 +410,7 @@ class StableOptimizer(Optimizer):
         sd["stable_optimizer"] = {
             "version": 1,
             "counters": self._counters.clone(),
-            "running": {"mean": self._run_mean.clone(), "var": self._run_var.clone(),
-                        "count": self._run_count.clone()},
+            "running": self._running.clone(),
             "policy": None if self.policy is None else self.policy.state_dict(),
             "spike": None if self.spike is None else self.spike.state_dict(),
         }
@@ -429,10 +437,7 @@ class StableOptimizer(Optimizer):
                 return cur
             return new.clone()
         self._counters = put(self._counters, own["counters"])
-        run = own["running"]
-        self._run_mean = put(self._run_mean, run["mean"])
-        self._run_var = put(self._run_var, run["var"])
-        self._run_count = put(self._run_count, run["count"])
+        self._running = put(self._running, own["running"])
         for name in ("policy", "spike"):
             mine: Optional[Policy] = getattr(self, name)
             saved = own.get(name)
@@ -526,8 +531,11 @@ class StableOptimizer(Optimizer):
             self.optimizer.step()
             return ret
 
-        st, _, _ = compute_groups(grads, self.norm_type, per_tensor=self.per_tensor,
-                                  full=True)
+        # a global FixedNorm's coefficient comes out of the statistics pass itself
+        pol = self.policy
+        fixed = type(pol) is FixedNorm and not pol.per_group and amp_scale is None
+        st, coef, _ = compute_groups(grads, self.norm_type, per_tensor=self.per_tensor,
+                                     full=True, max_norm=pol.max_norm if fixed else None)
         dev = st.norm.device
         self._follow(G, dev)
 
@@ -538,48 +546,48 @@ class StableOptimizer(Optimizer):
             inv_scale = amp_scale.double().reciprocal().float()
             st = GradStats(norm=st.norm * inv_scale, total_norm=st.total_norm * inv_scale,
                            max_abs=None if st.max_abs is None else st.max_abs * inv_scale,
-                           nonfinite=st.nonfinite,
-                           numel=st.numel,
+                           nonfinite=st.nonfinite, numel=st.numel,
                            per_tensor_norm=(None if st.per_tensor_norm is None
                                             else st.per_tensor_norm * inv_scale),
                            norm_type=st.norm_type)
         loss_t = None
         if loss is not None:
-            loss_t = (loss.detach() if isinstance(loss, Tensor)
-                      else torch.tensor(float(loss)))
-            loss_t = loss_t.to(dev, _F32).reshape(())
+            if isinstance(loss, Tensor):
+                loss_t = loss.detach().to(dev, _F32).reshape(())
+            else:  # a Python number: a fill kernel, no host->device copy
+                loss_t = torch.full((), float(loss), dtype=_F32, device=dev)
 
         # ---- skip decision (device) --------------------------------------------------
-        nonfinite = ~torch.isfinite(st.total_norm)
-        if st.nonfinite is not None:
-            nonfinite = nonfinite | (st.nonfinite.sum() > 0)
+        # The total norm is NaN/Inf exactly when some gradient element is (the
+        # statistics' propagation rule) or the sum overflows: one test covers all.
+        finite = torch.isfinite(st.total_norm)
         if loss_t is not None:
-            nonfinite = nonfinite | ~torch.isfinite(loss_t)
+            finite = finite & torch.isfinite(loss_t)
         amp_bad = None
         if amp_found is not None:
             amp_bad = amp_found.to(dev) > 0
-            nonfinite = nonfinite | amp_bad
+            finite = finite & ~amp_bad
+        nonfinite = ~finite
         if self.skip_nonfinite or amp_scale is not None:
             # with a loss scale still in the gradients, NaN/Inf means overflow: always skip
             skip_nf = nonfinite
         elif amp_bad is not None:  # AMP overflow must never reach the weights
             skip_nf = amp_bad
         else:
-            skip_nf = torch.zeros_like(nonfinite)
+            skip_nf = self._const("false", torch.bool, ())
         may_skip = (self.skip_nonfinite or amp_bad is not None or amp_scale is not None
-                    or any(p is not None and p.may_skip for p in (self.spike, self.policy)))
+                    or any(p is not None and p.may_skip for p in (self.spike, pol)))
 
         ctx = StepContext(norm=st.norm, total_norm=st.total_norm, norm_type=self.norm_type,
-                          finite=~nonfinite, skip=skip_nf, params=params, grads=grads,
+                          finite=finite, skip=skip_nf, params=params, grads=grads,
                           grad_factor=inv_scale, loss=loss_t)
-        coef: Optional[Tensor] = None
         clipped_g: Optional[Tensor] = None
         info: Dict[str, Tensor] = {}
         policy_skip: Optional[Tensor] = None
-        for pol in (self.spike, self.policy):
-            if pol is None:
+        for p in (self.spike, None if fixed else pol):
+            if p is None:
                 continue
-            d: Decision = pol.update(ctx)
+            d: Decision = p.update(ctx)
             if d.skip is not None:
                 policy_skip = d.skip if policy_skip is None else policy_skip | d.skip
                 ctx.skip = ctx.skip | d.skip
@@ -589,33 +597,31 @@ class StableOptimizer(Optimizer):
                 clipped_g = d.clipped if clipped_g is None else clipped_g | d.clipped
             info.update(d.info)
         skip = ctx.skip
+        taken = ~skip
         skip_spike = (policy_skip & ~skip_nf) if policy_skip is not None \
-            else torch.zeros_like(skip)
+            else self._const("false", torch.bool, ())
 
         # ---- running statistics of each group's norm ----------------------------------
-        std = self._run_var.clamp_min(0).sqrt()
-        z = torch.where(self._run_count >= 2,
-                        (st.norm - self._run_mean) / std.clamp_min(1e-12),
-                        torch.zeros_like(st.norm))
-        run_mean = self._run_mean.clone()
-        ema_update_(self._run_mean, self._run_var, self._run_count, st.norm,
-                    (~skip) & (st.numel > 0), self.running_alpha, self.running_warmup)
+        run_before = self._running.clone()
+        self._update_running(st.norm, taken, n_grads)
 
         # ---- bookkeeping -----------------------------------------------------------
-        coef_g = (torch.ones(G, dtype=_F32, device=dev) if coef is None
-                  else coef.to(dev, _F32).expand(G).clone())
-        clipped = coef_g < 1
+        if coef is None:
+            coef_g = self._const("ones", _F32, (G,))
+            clipped = self._const("false", torch.bool, (G,))
+        else:
+            coef_g = coef.expand(G)
+            clipped = (coef_g < 1) & taken
         if clipped_g is not None:
-            clipped = clipped | clipped_g
-        clipped = clipped & ~skip
-        one = torch.ones((), dtype=torch.int64, device=dev)
+            clipped = clipped | (clipped_g & taken)
+        clipped_any = clipped.any() if G > 1 else clipped.reshape(())
         self._counters.add_(torch.stack([
-            one, skip.long(), skip_nf.long(), skip_spike.long(), clipped.any().long(),
-            nonfinite.long()]))
+            self._const("true", torch.bool, ()), skip, skip_nf, skip_spike, clipped_any,
+            nonfinite]))
         record = StepRecord(stats=st, clip_coef=coef_g, clipped=clipped, skipped=skip,
                             skipped_nonfinite=skip_nf, skipped_spike=skip_spike,
-                            nonfinite=nonfinite, running_mean=run_mean, running_std=std,
-                            zscore=z, step=self._counters[0].clone(), loss=loss_t,
+                            nonfinite=nonfinite, running=run_before,
+                            step=self._counters[0].clone(), loss=loss_t,
                             loss_scale=amp_scale, info=info, params=params)
         self.last_stats = record
 
@@ -639,6 +645,45 @@ class StableOptimizer(Optimizer):
         if self._on_step is not None:
             self._on_step(record)
         return ret
+
+    def _const(self, kind: str, dtype: torch.dtype, shape: Tuple[int, ...]) -> Tensor:
+        """Cached read-only constants on the state device (never written to)."""
+        key = (kind, dtype, shape)
+        t = self._consts.get(key)
+        if t is None:
+            val = {"false": 0, "true": 1, "ones": 1}[kind]
+            t = torch.full(shape, val, dtype=dtype, device=self._device)
+            self._consts[key] = t
+        return t
+
+    def _update_running(self, norm: Tensor, taken: Tensor, n_grads: Tuple[int, ...]) -> None:
+        """Running mean/variance of each group's norm, in place (few small kernels).
+
+        Exponentially weighted incremental form (West 1979; Finch 2009) with weight
+        ``w = max(1/n, 1 - alpha)``: the exact sample mean and (population) variance while
+        ``n < 1/(1-alpha)``, an EMA with factor ``alpha`` afterwards. Groups without
+        gradients, skipped steps and non-finite norms are not recorded.
+        """
+        R = self._running
+        mean, var, n = R[0], R[1], R[2]
+        valid = taken & torch.isfinite(norm)
+        if 0 in n_grads:
+            key = ("has_grads", n_grads)
+            m = self._consts.get(key)
+            if m is None:
+                m = torch.zeros(len(n_grads), dtype=torch.bool, device=self._device)
+                for g, k in enumerate(n_grads):
+                    if k:
+                        m[g] = True  # a fill kernel: no host->device copy
+                self._consts[key] = m
+            valid = valid & m
+        n.add_(valid)
+        w = n.clamp_min(1.0).reciprocal().clamp_min_(1.0 - self.running_alpha)
+        w.mul_(valid)
+        d = torch.where(valid, norm, mean).sub_(mean)
+        wd = w * d
+        var.addcmul_(wd, d).mul_(1.0 - w)
+        mean.add_(wd)
 
     def _report_to_scaler(self, st: dict, found: Optional[Tensor]) -> None:
         from torch.amp.grad_scaler import OptState

@@ -612,3 +612,172 @@ def test_efficacy_faults_are_absorbed(kw):
                     wrap=lambda o: StableOptimizer(o, **copy.deepcopy(kw)))
     assert plain > 10 * clean  # the spike alone wrecks the plain run
     assert abs(faulty / clean - 1) < 0.05
+
+
+# ------------------------------------------------------------------ more wrapper paths
+def test_running_statistics_follow_sample_then_ema():
+    params = make_params()
+    opt = StableOptimizer(O.SGD(groups(params), lr=0.01))
+    norms = []
+    for i in range(50):
+        set_grads(params, grads_for(i, scale=1.0 + 0.1 * (i % 7)))
+        if i == 20:
+            params[0][0].grad[0, 0] = float("nan")  # skipped: not recorded
+        opt.step()
+        if i != 20:
+            norms.append(opt.last_stats.stats.norm.double())
+    a = StableOptimizer.running_alpha
+    mean = torch.zeros(2, dtype=torch.float64)
+    var = torch.zeros(2, dtype=torch.float64)
+    for n, x in enumerate(norms, 1):
+        w = max(1.0 / n, 1.0 - a)
+        d = x - mean
+        mean, var = mean + w * d, (1 - w) * (var + w * d * d)
+        if n == 25:  # still the plain sample statistics during the warm-up
+            t = torch.stack(norms[:25])
+            torch.testing.assert_close(mean, t.mean(0))
+            torch.testing.assert_close(var, t.var(0, unbiased=False))
+    run = opt._running.double()
+    torch.testing.assert_close(run[0], mean, rtol=1e-5, atol=0)
+    torch.testing.assert_close(run[1], var, rtol=1e-4, atol=0)
+    assert run[2].tolist() == [49.0, 49.0]
+
+
+@pytest.mark.parametrize("name", ["AdamW-fused", "AdamW-foreach"])
+def test_per_group_fixed_norm(name):
+    make = OPT_MAKERS[OPT_IDS.index(name)]
+    pa, pb = make_params(), make_params()
+    opt = StableOptimizer(make(groups(pa)), policy=P.FixedNorm(1.0, per_group=True))
+    ref = make(groups(pb))
+    for i in range(3):
+        set_grads(pa, grads_for(i, scale=[0.05, 2.0, 1.0][i]))
+        set_grads(pb, grads_for(i, scale=[0.05, 2.0, 1.0][i]))
+        opt.step()
+        for grp in pb:
+            torch.nn.utils.clip_grad_norm_(grp, 1.0)
+        ref.step()
+        for x, y in zip(snapshot(pa, opt)[0], snapshot(pb, ref)[0]):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    assert opt.last_stats.clip_coef.shape == (2,)
+
+
+def test_policy_list_and_quantile_clip_in_wrapper():
+    params = make_params()
+    opt = StableOptimizer(O.SGD(groups(params), lr=0.01),
+                          policy=[P.AdaptiveGradClip(0.01), P.QuantileClip(0.5, 16)])
+    assert isinstance(opt.policy, P.Chain)
+    for i in range(6):
+        set_grads(params, grads_for(i, scale=10.0 if i == 5 else 1.0))
+        opt.step()
+    r = opt.last_stats
+    assert r.clipped.all().item() and "quantile_threshold" in r.info
+    assert 0 < r.clip_coef[0].item() < 1
+
+
+def test_grads_without_any_group_and_empty_groups():
+    params = make_params()
+    opt = StableOptimizer(O.Adam(groups(params)), max_norm=1.0)
+    opt.step()  # no gradients at all: behaves like the inner optimizer
+    assert opt.summary()["steps"] == 1 and opt.last_stats is None
+    set_grads([params[0], []], [grads_for(0)[0], []])
+    for i in range(3):
+        opt.step()
+    run = opt._running
+    assert run[2].tolist() == [3.0, 0.0]  # the empty group records nothing
+
+
+# ------------------------------------------------------------------------- CUDA only
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _cuda_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(),
+                               torch.nn.Linear(64, 8)).cuda()
+
+
+def _cuda_batches(n):
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(16, 32, generator=g).cuda(), torch.randn(16, 8, generator=g).cuda())
+            for _ in range(n)]
+
+
+@cuda
+def test_cuda_fused_step_makes_no_host_sync():
+    m = _cuda_model()
+    opt = StableOptimizer(O.AdamW(m.parameters(), fused=True), max_norm=1.0,
+                          spike=P.SpikeSkip(window=8, warmup=4))
+    batches = _cuda_batches(12)
+    for i, (x, y) in enumerate(batches):
+        if i == 2:  # warm-up done: from here on, any synchronisation is an error
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = torch.nn.functional.mse_loss(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            if i == 6:
+                next(m.parameters()).grad[0, 0] = float("nan")
+            opt.step()
+        finally:
+            if i == len(batches) - 1:
+                torch.cuda.set_sync_debug_mode(0)
+    assert opt.summary()["skipped_by_reason"]["nonfinite"] == 1
+
+
+@cuda
+def test_cuda_graph_capture_matches_eager():
+    batches = _cuda_batches(10)
+    faults = {6: "nan", 8: "spike"}
+
+    def make(m):
+        return StableOptimizer(O.AdamW(m.parameters(), lr=1e-2, fused=True, capturable=True),
+                               max_norm=1.0, spike=P.SpikeSkip(window=8, warmup=3))
+    # eager reference
+    ref = _cuda_model()
+    ropt = make(ref)
+    for i, (x, y) in enumerate(batches):
+        ropt.zero_grad()
+        loss = torch.nn.functional.mse_loss(ref(x), y)
+        loss.backward()
+        if faults.get(i) == "nan":
+            next(ref.parameters()).grad[0, 0] = float("nan")
+        if faults.get(i) == "spike":
+            for p in ref.parameters():
+                p.grad.mul_(1000.0)
+        ropt.step()
+    # captured: 3 eager warm-up steps on a side stream, then one graph per kind of batch
+    m = _cuda_model()
+    opt = make(m)
+    sx, sy = batches[0][0].clone(), batches[0][1].clone()
+    nan_mask = torch.ones(1, device="cuda")  # multiplied into one gradient element
+    grad_mul = torch.ones((), device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(3):
+            sx.copy_(batches[i][0])
+            sy.copy_(batches[i][1])
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.mse_loss(m(sx), sy).backward()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(g):
+        torch.nn.functional.mse_loss(m(sx), sy).backward()
+        first = next(m.parameters()).grad
+        first.view(-1)[:1].mul_(nan_mask)
+        for p in m.parameters():
+            p.grad.mul_(grad_mul)
+        opt.step()
+    for i in range(3, len(batches)):
+        sx.copy_(batches[i][0])
+        sy.copy_(batches[i][1])
+        nan_mask.fill_(float("nan") if faults.get(i) == "nan" else 1.0)
+        grad_mul.fill_(1000.0 if faults.get(i) == "spike" else 1.0)
+        g.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(m.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert opt.summary()["skipped"] == ropt.summary()["skipped"] == 2
