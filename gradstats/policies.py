@@ -26,15 +26,13 @@ locking the run out.
 Policies compose: pass a list to ``StableOptimizer(policy=[...])`` or build a
 :class:`Chain`; coefficients multiply, skip flags are or-ed, in order.
 
-===================== ================================================================
-policy                source
-===================== ================================================================
-:class:`FixedNorm`    ``torch.nn.utils.clip_grad_norm_`` (Pascanu et al., 2013)
-:class:`ZScoreClip`   ZClip, Kumar et al. 2025, arXiv:2504.02507
-:class:`QuantileClip` AutoClip, Seetharaman et al. 2020, arXiv:2007.14469
-:class:`AdaptiveGradClip` AGC, Brock et al. 2021 (NFNets), arXiv:2102.06171
-:class:`SpikeSkip`    OLMo-core's ``SkipStepOptimizer`` idea (rolling mean + k sigma)
-===================== ================================================================
+Sources:
+
+* :class:`FixedNorm` — ``torch.nn.utils.clip_grad_norm_`` (Pascanu et al., ICML 2013);
+* :class:`ZScoreClip` — ZClip, Kumar et al. 2025, arXiv:2504.02507;
+* :class:`QuantileClip` — AutoClip, Seetharaman et al., MLSP 2020, arXiv:2007.14469;
+* :class:`AdaptiveGradClip` — AGC, Brock et al., ICML 2021 (NFNets), arXiv:2102.06171;
+* :class:`SpikeSkip` — the idea of OLMo-core's ``SkipStepOptimizer`` (rolling mean + k sigma).
 """
 from __future__ import annotations
 
@@ -319,8 +317,8 @@ class FixedNorm(Policy):
 class ZScoreClip(Policy):
     r"""ZClip: adaptive clipping on the z-score of the gradient norm.
 
-    Kumar, Owen, Ashraf, Vafaei Sadr, Paul, Ghosh — "ZClip: Adaptive Spike Mitigation for
-    LLM Pre-Training", 2025 (arXiv:2504.02507). The rules, as in the paper:
+    Kumar, Owen, Roy Chowdhury, Güra — "ZClip: Adaptive Spike Mitigation for LLM
+    Pre-Training", 2025 (arXiv:2504.02507). The rules, as in the paper:
 
     1. Warm-up: for the first ``warmup`` steps nothing is clipped (except by ``max_norm``)
        and the mean ``mu`` and standard deviation ``sigma`` of the total gradient norm

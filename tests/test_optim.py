@@ -6,7 +6,6 @@ import warnings
 import pytest
 import torch
 
-import gradstats
 from gradstats import StableOptimizer
 from gradstats import policies as P
 
