@@ -575,6 +575,15 @@ def _train(make_model, lr, wrap=None, steps=200, faults=None, n=256, seed=0):
         return torch.nn.functional.mse_loss(m(X), y).item()
 
 
+@pytest.fixture
+def one_thread():
+    """The efficacy runs are many tiny ops: intra-op threads only add contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _relu_mlp():
     L = torch.nn.Linear
     return torch.nn.Sequential(L(8, 32), torch.nn.ReLU(), L(32, 32), torch.nn.ReLU(), L(32, 1))
@@ -587,7 +596,7 @@ def _tanh_mlp():
 
 @pytest.mark.parametrize("policy", [P.AdaptiveGradClip(0.01), P.FixedNorm(0.1)],
                          ids=["AGC", "FixedNorm"])
-def test_efficacy_diverging_lr_is_tamed(policy):
+def test_efficacy_diverging_lr_is_tamed(policy, one_thread):
     X, y = _data()
     torch.manual_seed(0)
     with torch.no_grad():
@@ -602,7 +611,7 @@ def test_efficacy_diverging_lr_is_tamed(policy):
 @pytest.mark.parametrize("kw", [dict(policy=P.ZScoreClip()),
                                 dict(policy=P.ZScoreClip(), spike=P.SpikeSkip())],
                          ids=["ZScoreClip", "ZScoreClip+SpikeSkip"])
-def test_efficacy_faults_are_absorbed(kw):
+def test_efficacy_faults_are_absorbed(kw, one_thread):
     faults = {40: "nan", 120: "spike"}
     plain = _train(_tanh_mlp, lr=0.05, faults={120: "spike"}, n=512)
     clean = _train(_tanh_mlp, lr=0.05, n=512,
