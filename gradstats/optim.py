@@ -29,6 +29,12 @@ How a step runs
    current set of gradients, the folded path also decides on the host, so a skipped first
    step cannot create (uninitialised) optimizer state.
 
+Exactness: on the host-decision path, ``max_norm=x`` gives bit for bit what
+``torch.nn.utils.clip_grads_with_norm_`` at the measured norm followed by the inner step
+gives. On the folded path the fused kernel computes ``g / (1/c)`` where torch computes
+``g * c``: the same up to one rounding of the clipped gradient, and bit-identical when
+nothing is clipped (``grad_scale`` is exactly 1).
+
 AMP
 ===
 * Standard recipe: ``scaler.scale(loss).backward(); scaler.unscale_(opt); scaler.step(opt);
@@ -48,7 +54,14 @@ CUDA graphs
 All state (policy state, running statistics, counters) lives in device tensors updated in
 place, so a step on the folded path (e.g. ``AdamW(fused=True, capturable=True)``) can be
 captured after a few eager warm-up steps. The host-decision path cannot be captured (it
-reads a device value).
+reads a device value). Python-side hooks (``_on_step``, step hooks) do not run on replay.
+
+Observability
+=============
+``opt.last_stats`` is a :class:`StepRecord` of device tensors (``.tensors()`` for loggers,
+``.to_dict()`` with one sync); ``opt.summary()`` counts steps, skips by reason, clipped and
+non-finite steps with one sync; ``opt._on_step``, when set, is called with the record at
+the end of every step (the telemetry module's hook).
 """
 from __future__ import annotations
 
@@ -493,6 +506,17 @@ class StableOptimizer(Optimizer):
                                ".backward() before step()")
         return sc._scale, None, st
 
+    def _measure(self, grads: List[List[Tensor]],
+                 max_norm: Optional[float]) -> Tuple[GradStats, Optional[Tensor]]:
+        """The statistics pass: ``(GradStats, torch's clip coefficient or None)``.
+
+        The single place where gradients are measured, so that sharded/distributed
+        training can substitute a version that reduces the statistics across ranks.
+        """
+        st, coef, _ = compute_groups(grads, self.norm_type, per_tensor=self.per_tensor,
+                                     full=True, max_norm=max_norm)
+        return st, coef
+
     def _fold_ok(self) -> bool:
         if not self._fold_capable:
             return False
@@ -533,8 +557,7 @@ class StableOptimizer(Optimizer):
         # a global FixedNorm's coefficient comes out of the statistics pass itself
         pol = self.policy
         fixed = type(pol) is FixedNorm and not pol.per_group and amp_scale is None
-        st, coef, _ = compute_groups(grads, self.norm_type, per_tensor=self.per_tensor,
-                                     full=True, max_norm=pol.max_norm if fixed else None)
+        st, coef = self._measure(grads, pol.max_norm if fixed else None)
         dev = st.norm.device
         self._follow(G, dev)
 
