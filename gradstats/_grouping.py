@@ -5,6 +5,7 @@ number of tensors on every call, so it is kept to a few C-level ``map`` passes.
 """
 from __future__ import annotations
 
+import sys
 from operator import attrgetter
 from collections import OrderedDict
 from typing import Any, List, Sequence, Tuple
@@ -18,6 +19,26 @@ _numel = Tensor.numel
 _ptr = Tensor.data_ptr
 _is_contig = Tensor.is_contiguous
 _dtype = attrgetter("dtype")
+
+
+def is_dtensor(t: Any) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (never imports torch.distributed)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
+def first_is_dtensor(groups: List[List[Tensor]]) -> bool:
+    """Whether the first gradient of ``groups`` is a DTensor (one type check on plain ones).
+
+    The whole call is then handled by :mod:`gradstats.distributed`, which rejects a mix
+    of DTensor and plain gradients; a DTensor behind a plain first gradient is caught by
+    :func:`check_groups` when the gradient set is first validated.
+    """
+    for grads in groups:
+        if grads:
+            t = grads[0]
+            return type(t) is not Tensor and is_dtensor(t)
+    return False
 
 
 def _check_grad(t: Any, what: str) -> Tensor:
@@ -92,6 +113,10 @@ def check_groups(groups: List[List[Tensor]], what: str) -> None:
             if not isinstance(g, Tensor) or not g.is_floating_point() or g.is_complex() \
                     or g.layout != torch.strided:
                 _check_grad(g, what)
+            if type(g) is not Tensor and is_dtensor(g):
+                raise TypeError(f"{what}: got a mix of plain torch.Tensor and DTensor "
+                                "gradients; all gradients of one call must be DTensors on "
+                                "one device mesh, or all plain tensors")
 
 
 class Key:
@@ -137,6 +162,8 @@ def slices(groups: List[List[Tensor]], what: str = "gradients"
     """Split a call's gradients into one :class:`DeviceSlice` per device.
 
     Validates the gradients the first time a given set is seen (cached by key).
+    DTensor gradients stand for their local shards here (for the scale passes; the
+    statistics of DTensors go through :mod:`gradstats.distributed`, which reduces them).
 
     Returns:
         (slices in order of first appearance, the flat tensor list in parameter order)
@@ -148,6 +175,10 @@ def slices(groups: List[List[Tensor]], what: str = "gradients"
     flat: List[Tensor] = groups[0] if G == 1 else [g for grads in groups for g in grads]
     if not flat:
         return [], flat
+    if type(flat[0]) is not Tensor and is_dtensor(flat[0]):
+        from .distributed import local_groups
+        groups = local_groups(groups, what)
+        flat = groups[0] if G == 1 else [g for grads in groups for g in grads]
     sizes = tuple(map(len, groups))
     try:
         devs, t = _describe(flat, sizes)

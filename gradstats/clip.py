@@ -45,6 +45,14 @@ def _kernel_norm_type(norm_type) -> Optional[float]:
     return p if p > 0 else None
 
 
+def _like_torch(total: Tensor, grads: List[Tensor], p: float) -> Tensor:
+    """For DTensor gradients, the total norm as torch returns it (a DTensor on the mesh)."""
+    if type(grads[0]) is Tensor or not _grouping.is_dtensor(grads[0]):
+        return total
+    from .distributed import total_norm_like_torch
+    return total_norm_like_torch(total, grads, p)
+
+
 def _raise_if_nonfinite(total: Tensor, p: float) -> None:
     if bool(torch.logical_or(total.isnan(), total.isinf())):  # the one documented sync
         raise RuntimeError(_NONFINITE_MSG.format(p=p))
@@ -103,7 +111,7 @@ def get_total_norm(tensors: _TensorOrTensors, norm_type: float = 2.0,
     st, _, _ = compute_groups(groups, p, full=False)
     if error_if_nonfinite:
         _raise_if_nonfinite(st.total_norm, p)
-    return st.total_norm
+    return _like_torch(st.total_norm, ts, p)
 
 
 @torch.no_grad()
@@ -134,6 +142,8 @@ def clip_grads_with_norm_(parameters: _TensorOrTensors, max_norm: float, total_n
     grads = [g for g in map(_GRAD, params) if g is not None]
     if not grads:
         return
+    if type(total_norm) is not Tensor and _grouping.is_dtensor(total_norm):
+        total_norm = total_norm.full_tensor()  # no communication when it is replicated
     coef = torch.clamp(m / (total_norm + 1e-6), max=1.0).to(torch.float32)
     scale_grads_([grads], coef)
 
@@ -191,4 +201,4 @@ def clip_grad_norm_(parameters: _TensorOrTensors, max_norm: float, norm_type: fl
         _raise_if_nonfinite(st.total_norm, p)
     for s in slices:
         _dispatch.select(s, p, None).scale_(s, coef.to(s.device))
-    return st.total_norm
+    return _like_torch(st.total_norm, grads, p)

@@ -115,13 +115,21 @@ def _empty_stats(G: int, norm_type: float, per_tensor: bool) -> GradStats:
 
 def compute_groups(groups: List[List[Tensor]], norm_type: float = 2.0, per_tensor: bool = False,
                    backend: Optional[str] = None, full: bool = True,
-                   max_norm: Optional[float] = None):
+                   max_norm: Optional[float] = None, pp_group: Any = None):
     """Statistics of gradient tensors given as groups (internal entry point).
+
+    DTensor gradients (FSDP2, tensor parallel) and calls with a ``pp_group`` (pipeline
+    parallel) are reduced across ranks by :mod:`gradstats.distributed`; the results are
+    the global statistics, identical on every rank.
 
     Returns:
         ``(GradStats, clip_coef or None, device slices)``. With ``full=False`` the
         ``max_abs``/``nonfinite`` fields may be ``None`` (norms only: the clipping path).
     """
+    if pp_group is not None or _grouping.first_is_dtensor(groups):
+        from . import distributed
+        return distributed.compute_groups(groups, norm_type, per_tensor, backend, full,
+                                          max_norm, pp_group)
     slices, flat = _grouping.slices(groups)
     G = len(groups)
     if not slices:
@@ -182,7 +190,8 @@ def _multi_device(slices: List[DeviceSlice], T: int, norm_type: float, per_tenso
 
 
 def grad_stats(params_or_groups: _ParamsOrGroups, norm_type: float = 2.0,
-               per_tensor: bool = False, backend: Optional[str] = None) -> GradStats:
+               per_tensor: bool = False, backend: Optional[str] = None,
+               pp_group: Any = None) -> GradStats:
     r"""Per-group gradient statistics in one fused pass over all gradients.
 
     Computes, for each parameter group, the norm of order ``norm_type``, the largest
@@ -198,9 +207,13 @@ def grad_stats(params_or_groups: _ParamsOrGroups, norm_type: float = 2.0,
         per_tensor: also return each gradient's norm, in parameter order.
         backend: ``"triton"``, ``"native"``, ``"torch"`` or ``None`` (best available;
             the ``GRADSTATS_BACKEND`` environment variable also forces one).
+        pp_group: pipeline parallelism: the process group (or 1-D device mesh) across
+            which each stage's statistics are combined. DTensor gradients (FSDP2, tensor
+            parallel) are reduced across their mesh without it; DDP needs nothing.
 
     Returns:
-        GradStats: norms and counts as device tensors on the first gradient's device.
+        GradStats: norms and counts as device tensors on the first gradient's device
+        (for DTensor gradients: plain tensors holding the global values, on every rank).
 
     Raises:
         ValueError: invalid ``norm_type`` or ``backend``.
@@ -219,5 +232,6 @@ def grad_stats(params_or_groups: _ParamsOrGroups, norm_type: float = 2.0,
     p = check_norm_type(norm_type)
     groups = _grouping.groups_of_params(params_or_groups)
     with torch.no_grad():
-        st, _, _ = compute_groups(groups, p, per_tensor, backend, full=True)
+        st, _, _ = compute_groups(groups, p, per_tensor, backend, full=True,
+                                  pp_group=pp_group)
     return st
