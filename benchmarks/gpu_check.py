@@ -55,6 +55,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+# the checkout's gradstats, also where it is not installed (e.g. on a lent GPU machine)
+sys.path.insert(1, os.path.dirname(HERE))
 
 # ------------------------------------------------------------------- mode, before gradstats
 
