@@ -27,6 +27,7 @@ import traceback
 
 from setuptools import setup
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 STATUS_FILE = "_ext_status.txt"
 # Sources compiled with extra instruction-set flags (and only those sources).
 ISA_FLAGS = {
@@ -83,18 +84,20 @@ def _extensions():
     if unix and "parallel backend: OpenMP" in torch.__config__.parallel_info():
         cxx.append("-fopenmp")
         link.append("-fopenmp")
-    with_cuda = _want_cuda(torch, cpp_extension)
-    if with_cuda:
-        sources.append("csrc/cuda/stats_cuda.cu")
-        macros.append(("GRADSTATS_WITH_CUDA", "1"))
+    ext = None
+    if _want_cuda(torch, cpp_extension):
         nvcc = ["-O3"]
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             nvcc += ["-gencode=arch=compute_90,code=sm_90",
                      "-gencode=arch=compute_75,code=compute_75"]
-        ext = cpp_extension.CUDAExtension(
-            "gradstats._C", sources, define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
-    else:
+        try:
+            ext = cpp_extension.CUDAExtension(
+                "gradstats._C", sources + ["csrc/cuda/stats_cuda.cu"],
+                define_macros=macros + [("GRADSTATS_WITH_CUDA", "1")],
+                extra_compile_args={"cxx": list(cxx), "nvcc": nvcc}, extra_link_args=link)
+        except Exception as e:  # e.g. CUDA_HOME unknown: build the CPU part only
+            _log(f"WARNING: cannot set up the CUDA build ({e}); building the CPU kernels only")
+    if ext is None:
         ext = cpp_extension.CppExtension(
             "gradstats._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},
             extra_link_args=link)
@@ -107,22 +110,31 @@ def _extensions():
             kwargs["use_ninja"] = False
             super().__init__(*args, **kwargs)
 
-        def _status_path(self, ext):
-            return os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), STATUS_FILE)
+        def _places(self, ext):
+            """(library path, status file path) in the build dir and in the source tree
+            (editable installs load the latter; setuptools may have reset ``inplace``
+            when a build step raised)."""
+            built = self.get_ext_fullpath(ext.name)
+            src_pkg = os.path.join(HERE, *ext.name.split(".")[:-1])
+            out = [(built, os.path.join(os.path.dirname(built), STATUS_FILE))]
+            if os.path.isdir(src_pkg):
+                out.append((os.path.join(src_pkg, os.path.basename(built)),
+                            os.path.join(src_pkg, STATUS_FILE)))
+            return out
 
         def _record_failure(self, ext, err):
             msg = f"{type(err).__name__}: {err}"
             _log("WARNING: building the native extension gradstats._C failed; gradstats "
                  "will run without the native backend. Reason: " + msg)
-            try:
-                target = self.get_ext_fullpath(ext.name)
-                if os.path.exists(target):  # do not leave a stale library behind
-                    os.remove(target)
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                with open(self._status_path(ext), "w") as f:
-                    f.write("build failed: " + msg + "\n\n" + traceback.format_exc())
-            except OSError:
-                pass
+            for lib, status in self._places(ext):
+                try:
+                    if os.path.exists(lib):  # do not leave a stale library behind
+                        os.remove(lib)
+                    os.makedirs(os.path.dirname(status), exist_ok=True)
+                    with open(status, "w") as f:
+                        f.write("build failed: " + msg + "\n\n" + traceback.format_exc())
+                except OSError:
+                    pass
 
         def run(self):
             try:
@@ -158,19 +170,26 @@ def _extensions():
                     ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
                     ext.define_macros = [m for m in ext.define_macros
                                          if m[0] != "GRADSTATS_WITH_CUDA"]
+                    ext.libraries = [lib for lib in ext.libraries
+                                     if lib not in ("cudart", "c10_cuda", "torch_cuda")]
                     super().build_extension(ext)
             except Exception as e:
                 self._record_failure(ext, e)
                 return
             finally:
                 self.compiler._compile = inner
-            try:
-                os.remove(self._status_path(ext))
-            except OSError:
-                pass
+            for _, status in self._places(ext):
+                try:
+                    os.remove(status)
+                except OSError:
+                    pass
 
     return [ext], {"build_ext": BuildExt}
 
 
-ext_modules, cmdclass = _extensions()
+try:
+    ext_modules, cmdclass = _extensions()
+except Exception as e:  # never fail the install because of the extension
+    _log(f"WARNING: skipping the native extension ({type(e).__name__}: {e})")
+    ext_modules, cmdclass = [], {}
 setup(ext_modules=ext_modules, cmdclass=cmdclass)
