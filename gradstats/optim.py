@@ -217,7 +217,10 @@ class StableOptimizer(Optimizer):
             ``gradstats.policies.SpikeSkip()``; ``True`` means ``SpikeSkip()``.
         param_names: ``model.named_parameters()`` (or a ``{name: param}`` dict), used by
             telemetry and diagnosis.
-        log: a stats log for the telemetry module (stored as :attr:`log`).
+        log: record every step in a stats log: a path (JSON Lines; ``.csv`` for CSV), a
+            writer or a :class:`gradstats.telemetry.StatsLogger`. :attr:`log` is then the
+            logger (per-tensor norms are turned on to name non-finite tensors); call
+            ``opt.log.close()`` at the end. See :mod:`gradstats.telemetry`.
         grad_scaler: a ``torch.amp.GradScaler`` whose loss-scale division is folded into
             the step (see "AMP" in the module docstring).
 
@@ -293,6 +296,9 @@ class StableOptimizer(Optimizer):
 
         self._device = self._param_device()
         self._init_own_state(len(self.param_groups), self._device)
+        if log is not None:
+            from .telemetry import attach
+            self.log = attach(self, log)
 
     # ------------------------------------------------------------ shared optimizer views
     @property

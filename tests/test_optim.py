@@ -368,12 +368,13 @@ def test_zero_grad_add_param_group_hooks_closure_and_loss():
         opt.step()
 
 
-def test_last_stats_and_summary_contents():
+def test_last_stats_and_summary_contents(tmp_path):
     params = make_params()
     names = [(f"p{i}", p) for i, p in enumerate(p for grp in params for p in grp)]
+    log = str(tmp_path / "log.jsonl")
     opt = StableOptimizer(O.SGD(groups(params), lr=0.1), max_norm=0.5, param_names=names,
-                          log="LOG")
-    assert opt.log == "LOG" and opt.param_name(params[1][0]) == "p2"
+                          log=log)
+    assert opt.log.path == log and opt.param_name(params[1][0]) == "p2"
     for i in range(30):
         set_grads(params, grads_for(i))
         opt.step()

@@ -1,0 +1,970 @@
+"""Stats log: what every optimizer step measured and did, recorded without host syncs.
+
+Usage::
+
+    opt = gradstats.StableOptimizer(torch.optim.AdamW(model.parameters()), max_norm=1.0,
+                                    param_names=model.named_parameters(),
+                                    log="run.jsonl")          # or a writer, or a StatsLogger
+    for batch in data:
+        loss = model(batch).loss
+        loss.backward(); opt.step(loss=loss); opt.zero_grad()
+    opt.log.close()                                           # writes the last records
+
+    records = gradstats.telemetry.read_log("run.jsonl").records
+
+A plain training loop can log too: ``StatsLogger(path, groups=opt.param_groups,
+param_names=model.named_parameters()).log_stats(gradstats.grad_stats(..., per_tensor=True),
+loss=loss, clip_coef=coef)``.
+
+How recording stays off the critical path
+=========================================
+Every value of a step is written, on the device, into one row of a preallocated
+``[flush_every, F]`` float64 device buffer (one ``torch.cat(..., out=row)``; no host sync:
+float64 holds step numbers and element counts exactly up to 2**53). When the buffer is
+full, the filled rows go to the host with **one** asynchronous copy into pinned memory
+(``non_blocking=True``) followed by a CUDA event; the rows are decoded and written out at
+the *next* flush (by then the copy has long finished, so the event wait is free), or on
+:meth:`StatsLogger.close`. Host-side values (learning rates that are Python floats, names)
+never touch the device. :attr:`StatsLogger.counters` counts records, device->host copies
+and write-outs (the tests check there is no copy per step).
+
+Log format (version 1)
+======================
+JSON Lines (default; ``.jsonl``), one object per line, each with a ``"type"``:
+
+``header`` (first line; a new header may follow if the number of groups changes)
+    ``format`` (``"gradstats-log"``), ``version`` (1), ``gradstats_version``,
+    ``torch_version``, ``created`` (ISO time), ``norm_type``, ``groups`` (group names),
+    ``params`` (all parameter names in optimizer order), ``param_group`` (group index of
+    each parameter), ``flush_every``, ``device``, ``optimizer``, ``policy``, ``meta``
+    (free-form dict given by the user, e.g. ``{"run": "baseline", "seed": 0}``).
+``step`` (one per optimizer step)
+    ``step`` (int, number of ``step()`` calls so far, this one included), ``loss``,
+    ``total_norm``, ``skipped`` (bool), ``skip_reason`` (``null``, ``"nonfinite"``,
+    ``"spike"`` or ``"other"``), ``nonfinite`` (bool: some gradient or the loss was
+    NaN/Inf), ``loss_scale``; per group (lists of length G): ``lr``, ``norm``,
+    ``max_abs``, ``nonfinite_count``, ``clip_coef``, ``clipped`` (bools),
+    ``running_mean``, ``running_std``, ``zscore``; ``nonfinite_tensors`` (names of the
+    first tensors, in parameter order, whose gradient norm was NaN/Inf; at most
+    ``max_names``) and ``nonfinite_tensor_count``.
+    A value that was not measured is ``null``. Non-finite numbers are written as the
+    strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` (strict JSON);
+    :func:`read_log` turns them back into floats.
+``end`` (last line, written by ``close()``)
+    ``steps`` (records written), ``counters``. A log without it was not closed (the run
+    crashed or is still running).
+
+CSV (``.csv``): the header record as a comment line ``# {json}``, then a row of column
+names (``step, loss, total_norm, ..., norm.0, norm.1, ..., nonfinite_tensors``; names
+joined by ``;``), then one row per step. TensorBoard (a path starting with
+``tensorboard:``, needs the ``tensorboard`` package): scalars under ``loss``,
+``grad_norm/<group>``, ``clip_coef/<group>``, ``skipped``, ...
+"""
+from __future__ import annotations
+
+import atexit
+import csv
+import datetime
+import io
+import json
+import math
+import os
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "StatsLogger", "attach", "read_log", "LogData",
+           "JSONLWriter", "CSVWriter", "TensorBoardWriter", "open_writer"]
+
+FORMAT_NAME = "gradstats-log"
+FORMAT_VERSION = 1
+
+_F64 = torch.float64
+# scalar columns of a device row, in order, then per-group columns (G each)
+_SCALARS = ("step", "loss", "total_norm", "skipped", "skipped_nonfinite", "skipped_spike",
+            "nonfinite", "loss_scale", "nonfinite_tensor_count")
+_PER_GROUP = ("lr", "norm", "max_abs", "nonfinite_count", "clip_coef", "clipped",
+              "running_mean", "running_std", "zscore")
+_BOOLS = {"skipped", "skipped_nonfinite", "skipped_spike", "nonfinite", "clipped"}
+_INTS = {"step", "nonfinite_count", "nonfinite_tensor_count"}
+
+
+# ================================================================================ writers
+def _enc(v: Any) -> Any:
+    """JSON-ready value: non-finite floats become strings (strict JSON)."""
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "NaN"
+        if math.isinf(v):
+            return "Infinity" if v > 0 else "-Infinity"
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_enc(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _enc(x) for k, x in v.items()}
+    return v
+
+
+_NONFINITE_STR = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf,
+                  "nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _dec(v: Any) -> Any:
+    if isinstance(v, str) and v in _NONFINITE_STR:
+        return _NONFINITE_STR[v]
+    if isinstance(v, list):
+        return [_dec(x) for x in v]
+    return v
+
+
+class JSONLWriter:
+    """Writes records as JSON Lines (the default log format).
+
+    Args:
+        path_or_file: a path (the parent folder is created) or an open text file.
+    """
+
+    def __init__(self, path_or_file: Union[str, os.PathLike, io.TextIOBase]) -> None:
+        if hasattr(path_or_file, "write"):
+            self._f, self._own = path_or_file, False
+            self.path = getattr(path_or_file, "name", None)
+        else:
+            self.path = os.fspath(path_or_file)
+            parent = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(parent, exist_ok=True)
+            self._f, self._own = open(self.path, "w", encoding="utf-8"), True
+
+    def write(self, record: Dict[str, Any]) -> None:
+        self._f.write(json.dumps(_enc(record), separators=(",", ":")) + "\n")
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.flush()
+        if self._own:
+            self._f.close()
+
+
+class CSVWriter:
+    """Writes records as CSV: ``# {header json}``, a column row, one row per step."""
+
+    def __init__(self, path: Union[str, os.PathLike]) -> None:
+        self.path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self._f = open(self.path, "w", encoding="utf-8", newline="")
+        self._w = csv.writer(self._f)
+        self._cols: Optional[List[str]] = None
+        self._G = 0
+
+    @staticmethod
+    def columns(G: int) -> List[str]:
+        cols = ["step", "loss", "total_norm", "skipped", "skip_reason", "nonfinite",
+                "loss_scale", "nonfinite_tensor_count"]
+        for name in _PER_GROUP:
+            cols += [f"{name}.{g}" for g in range(G)]
+        return cols + ["nonfinite_tensors"]
+
+    def write(self, record: Dict[str, Any]) -> None:
+        kind = record.get("type")
+        if kind == "header":
+            self._f.write("# " + json.dumps(_enc(record), separators=(",", ":")) + "\n")
+            self._G = len(record.get("groups", []))
+            self._cols = self.columns(self._G)
+            self._w.writerow(self._cols)
+        elif kind == "end":
+            self._f.write("# " + json.dumps(_enc(record), separators=(",", ":")) + "\n")
+        elif kind == "step":
+            row: List[Any] = []
+            for c in self._cols or []:
+                if "." in c:
+                    name, g = c.rsplit(".", 1)
+                    vals = record.get(name)
+                    v = None if vals is None or int(g) >= len(vals) else vals[int(g)]
+                elif c == "nonfinite_tensors":
+                    v = ";".join(record.get(c) or [])
+                else:
+                    v = record.get(c)
+                row.append("" if v is None else (int(v) if isinstance(v, bool) else v))
+            self._w.writerow(row)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class TensorBoardWriter:
+    """Writes scalars to TensorBoard (needs the optional ``tensorboard`` package).
+
+    Raises:
+        ImportError: ``tensorboard`` is not installed (``pip install tensorboard``).
+    """
+
+    def __init__(self, logdir: Union[str, os.PathLike]) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception as e:  # torch raises ImportError when tensorboard is missing
+            raise ImportError("the TensorBoard writer needs the tensorboard package "
+                              f"(pip install tensorboard): {e}") from None
+        self._tb = SummaryWriter(os.fspath(logdir))
+        self._groups: List[str] = []
+
+    def write(self, record: Dict[str, Any]) -> None:
+        kind = record.get("type")
+        if kind == "header":
+            self._groups = list(record.get("groups", []))
+            return
+        if kind != "step":
+            return
+        s = int(record["step"])
+        for k in ("loss", "total_norm", "loss_scale"):
+            if record.get(k) is not None:
+                self._tb.add_scalar(k, record[k], s)
+        self._tb.add_scalar("skipped", float(bool(record.get("skipped"))), s)
+        for name in ("norm", "max_abs", "clip_coef", "zscore", "lr", "nonfinite_count"):
+            for g, v in enumerate(record.get(name) or []):
+                if v is not None:
+                    gname = self._groups[g] if g < len(self._groups) else str(g)
+                    self._tb.add_scalar(f"{name}/{gname}", float(v), s)
+
+    def flush(self) -> None:
+        self._tb.flush()
+
+    def close(self) -> None:
+        self._tb.close()
+
+
+class _MultiWriter:
+    def __init__(self, writers: Sequence[Any]) -> None:
+        self.writers = list(writers)
+        self.path = next((getattr(w, "path", None) for w in self.writers
+                          if getattr(w, "path", None)), None)
+
+    def write(self, record: Dict[str, Any]) -> None:
+        for w in self.writers:
+            w.write(record)
+
+    def flush(self) -> None:
+        for w in self.writers:
+            getattr(w, "flush", lambda: None)()
+
+    def close(self) -> None:
+        for w in self.writers:
+            getattr(w, "close", lambda: None)()
+
+
+def open_writer(spec: Any) -> Any:
+    """A writer for ``spec``: a path (``.csv`` -> CSV, ``tensorboard:DIR`` -> TensorBoard,
+    anything else -> JSON Lines), an object with ``write(record)``, or a list of these.
+
+    Raises:
+        TypeError: ``spec`` is none of these.
+    """
+    if isinstance(spec, (list, tuple)):
+        return _MultiWriter([open_writer(s) for s in spec])
+    if hasattr(spec, "write") and not isinstance(spec, (str, bytes, os.PathLike)):
+        if isinstance(spec, io.TextIOBase):
+            return JSONLWriter(spec)
+        return spec
+    if isinstance(spec, (str, os.PathLike)):
+        s = os.fspath(spec)
+        if s.startswith("tensorboard:"):
+            return TensorBoardWriter(s[len("tensorboard:"):])
+        if s.lower().endswith(".csv"):
+            return CSVWriter(s)
+        return JSONLWriter(s)
+    raise TypeError(f"log must be a file path, a writer with write(record), a StatsLogger "
+                    f"or a list of these, got {type(spec).__name__}")
+
+
+# ================================================================================ logger
+_OPEN_LOGGERS: "weakref.WeakSet[StatsLogger]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loggers() -> None:  # pragma: no cover - interpreter shutdown
+    for lg in list(_OPEN_LOGGERS):
+        try:
+            lg.close()
+        except Exception:
+            pass
+
+
+def _names_of(param_names: Any) -> Dict[int, str]:
+    if param_names is None:
+        return {}
+    if isinstance(param_names, dict) and all(isinstance(k, int) for k in param_names):
+        return dict(param_names)  # already {id(p): name}
+    items = param_names.items() if isinstance(param_names, dict) else param_names
+    out: Dict[int, str] = {}
+    for name, p in items:
+        out[id(p)] = str(name)
+    return out
+
+
+class StatsLogger:
+    """Records per-step gradient statistics on the device and writes them in batches.
+
+    Args:
+        log: where to write: a path (``.jsonl`` default, ``.csv``, ``tensorboard:DIR``), a
+            writer object with ``write(record)`` (and optionally ``flush``/``close``), or
+            a list of these.
+        flush_every: rows buffered on the device between two device->host copies.
+        groups: the parameter groups (``optimizer.param_groups``) or their number; taken
+            from the optimizer when attached to a :class:`~gradstats.StableOptimizer`.
+        group_names: a name per group (default: each group's ``"name"`` key, else
+            ``group0``, ``group1``, ...).
+        param_names: ``model.named_parameters()`` or ``{name: param}``: names used for
+            non-finite tensors (default: ``group<g>.param<i>``).
+        max_names: how many non-finite tensor names to keep per step.
+        norm_type: order of the norms (taken from the optimizer when attached).
+        meta: a dict stored in the header, e.g. ``{"run": "lr=1e-3", "seed": 0}``.
+
+    The logger is a context manager; :meth:`close` writes everything still buffered.
+    """
+
+    def __init__(self, log: Any, *, flush_every: int = 64, groups: Any = None,
+                 group_names: Optional[Sequence[str]] = None, param_names: Any = None,
+                 max_names: int = 8, norm_type: float = 2.0,
+                 meta: Optional[Dict[str, Any]] = None) -> None:
+        if not isinstance(flush_every, int) or isinstance(flush_every, bool) or flush_every < 1:
+            raise ValueError(f"flush_every must be an int >= 1, got {flush_every!r}")
+        if not isinstance(max_names, int) or max_names < 1:
+            raise ValueError(f"max_names must be an int >= 1, got {max_names!r}")
+        self.writer = open_writer(log)
+        self.path = getattr(self.writer, "path", None)
+        self.flush_every = flush_every
+        self.max_names = max_names
+        self.norm_type = float(norm_type)
+        self.meta = dict(meta or {})
+        self.group_names: Optional[List[str]] = list(group_names) if group_names else None
+        self._name_of = _names_of(param_names)
+        self._groups_src = groups
+        self._opt: Any = None
+        #: ``records`` (steps recorded), ``d2h_copies`` (device->host copies),
+        #: ``writes`` (batches written out), ``syncs`` (event waits).
+        self.counters = {"records": 0, "d2h_copies": 0, "writes": 0, "syncs": 0}
+        self._layout: Optional[Dict[str, Tuple[int, int]]] = None
+        self._G = -1
+        self._F = 0
+        self._dev_buf: Optional[Tensor] = None
+        self._host_bufs: List[Tensor] = []
+        self._next_host = 0
+        self._slot = 0
+        self._metas: List[Dict[str, Any]] = []
+        self._pending: Optional[Tuple[Tensor, int, Any, List[Dict[str, Any]],
+                                      Dict[str, Any]]] = None
+        self._header: Optional[Dict[str, Any]] = None
+        self._param_list: List[Tensor] = []
+        self._global_index: Dict[int, int] = {}
+        self._gmap_key: Any = None
+        self._gmap: Optional[Tensor] = None
+        self._nan_cache: Dict[Tuple[torch.device, int], Tensor] = {}
+        self._steps_written = 0
+        self._host_step = 0
+        self.closed = False
+        _OPEN_LOGGERS.add(self)
+
+    # --------------------------------------------------------------------- setup
+    def bind(self, opt: Any) -> "StatsLogger":
+        """Attach to a :class:`~gradstats.StableOptimizer`: per-tensor norms on, a hook
+        that records every step, names from its ``param_names``."""
+        self._opt = opt
+        self._groups_src = opt.param_groups
+        self.norm_type = float(getattr(opt, "norm_type", self.norm_type))
+        names = getattr(opt, "param_names", None)
+        if names and not self._name_of:
+            self._name_of = dict(names)
+        opt.per_tensor = True
+        prev = getattr(opt, "_on_step", None)
+        if prev is not None and getattr(prev, "__self__", None) is self:
+            prev = None
+
+        def hook(record: Any, _prev=prev) -> None:
+            if _prev is not None:
+                _prev(record)
+            self.record(record)
+        hook.__self__ = self  # type: ignore[attr-defined]
+        opt._on_step = hook
+        return self
+
+    def _group_list(self) -> List[Dict[str, Any]]:
+        src = self._groups_src
+        if src is None or isinstance(src, int):
+            return []
+        src = list(src)
+        if src and isinstance(src[0], dict):
+            return src
+        return [{"params": src}]  # a plain list of parameters: one group
+
+    def _ensure_layout(self, G: int, device: torch.device) -> None:
+        if self._layout is not None and G == self._G and self._dev_buf is not None \
+                and self._dev_buf.device == device:
+            return
+        if self._layout is not None:  # the number of groups changed: new header
+            self._write_all()
+        self._G = G
+        layout: Dict[str, Tuple[int, int]] = {}
+        off = 0
+        for name in _SCALARS:
+            layout[name] = (off, 1)
+            off += 1
+        layout["nonfinite_tensors"] = (off, self.max_names)
+        off += self.max_names
+        for name in _PER_GROUP:
+            layout[name] = (off, G)
+            off += G
+        self._layout, self._F = layout, off
+        self._dev_buf = torch.empty((self.flush_every, off), dtype=_F64, device=device)
+        pin = device.type == "cuda"
+        self._host_bufs = [torch.empty((self.flush_every, off), dtype=_F64, pin_memory=pin)
+                           for _ in range(2)]
+        self._slot = 0
+        self._metas = []
+        self._write_header(G, device)
+
+    def _write_header(self, G: int, device: torch.device) -> None:
+        from . import __version__
+        groups = self._group_list()
+        names = list(self.group_names or [])
+        for g in range(len(names), G):
+            gn = groups[g].get("name") if g < len(groups) else None
+            names.append(str(gn) if gn is not None else f"group{g}")
+        params: List[str] = []
+        param_group: List[int] = []
+        self._param_list = []
+        self._global_index = {}
+        for g, grp in enumerate(groups):
+            for i, p in enumerate(grp["params"]):
+                self._global_index[id(p)] = len(params)
+                self._param_list.append(p)
+                params.append(self._name_of.get(id(p), f"group{g}.param{i}"))
+                param_group.append(g)
+        self._param_names = params
+        opt = self._opt
+        header = {
+            "type": "header", "format": FORMAT_NAME, "version": FORMAT_VERSION,
+            "gradstats_version": __version__, "torch_version": torch.__version__,
+            "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "norm_type": self.norm_type, "groups": names[:G], "params": params,
+            "param_group": param_group, "flush_every": self.flush_every,
+            "device": str(device),
+            "optimizer": (type(opt.optimizer).__name__ if opt is not None
+                          and hasattr(opt, "optimizer") else None),
+            "policy": (repr(getattr(opt, "policy", None)) if opt is not None else None),
+            "spike": (repr(getattr(opt, "spike", None)) if opt is not None else None),
+            "meta": self.meta,
+        }
+        self._header = header
+        self.writer.write(header)
+
+    def _nan(self, device: torch.device, n: int) -> Tensor:
+        key = (device, n)
+        t = self._nan_cache.get(key)
+        if t is None:
+            t = torch.full((n,), math.nan, dtype=_F64, device=device)
+            self._nan_cache[key] = t
+        return t
+
+    def _bad_tensor_slots(self, ptn: Tensor, params: List[List[Tensor]]) -> Tuple[Tensor, Tensor]:
+        """First ``max_names`` global indices (parameter order) of tensors whose norm is
+        NaN/Inf, padded with -1, and their count; on the device."""
+        dev = ptn.device
+        K = self.max_names
+        key = tuple(id(p) for grp in params for p in grp)
+        if key != self._gmap_key or self._gmap is None or self._gmap.device != dev:
+            T_all = len(self._param_list)
+            idx = [self._global_index.get(k, T_all) for k in key]
+            self._gmap = torch.tensor(idx, dtype=torch.int64, device=dev)
+            self._gmap_key = key
+            self._sentinel = max(T_all, len(idx)) + 1
+        bad = ~torch.isfinite(ptn)
+        keyed = torch.where(bad, self._gmap, self._sentinel)
+        T = keyed.numel()
+        if T >= K:
+            first = torch.topk(keyed, K, largest=False, sorted=True).values
+        else:
+            first = torch.sort(keyed).values
+            first = torch.cat([first, torch.full((K - T,), self._sentinel, dtype=torch.int64,
+                                                 device=dev)])
+        first = torch.where(first >= self._sentinel, -1, first)
+        return first, bad.sum()
+
+    # ------------------------------------------------------------------- recording
+    def record(self, rec: Any) -> None:
+        """Record a :class:`gradstats.optim.StepRecord` (called by the optimizer hook)."""
+        st = rec.stats
+        self._ensure_layout(int(st.norm.numel()), st.norm.device)
+        dev: Dict[str, Any] = {
+            "step": rec.step, "total_norm": st.total_norm, "skipped": rec.skipped,
+            "skipped_nonfinite": rec.skipped_nonfinite, "skipped_spike": rec.skipped_spike,
+            "nonfinite": rec.nonfinite, "norm": st.norm, "max_abs": st.max_abs,
+            "nonfinite_count": st.nonfinite, "clip_coef": rec.clip_coef,
+            "clipped": rec.clipped, "running_mean": rec.running_mean,
+            "running_std": rec.running_std, "zscore": rec.zscore,
+        }
+        if rec.loss is not None:
+            dev["loss"] = rec.loss
+        if getattr(rec, "loss_scale", None) is not None:
+            dev["loss_scale"] = rec.loss_scale
+        if st.per_tensor_norm is not None and rec.params:
+            first, count = self._bad_tensor_slots(st.per_tensor_norm, rec.params)
+            dev["nonfinite_tensors"] = first
+            dev["nonfinite_tensor_count"] = count
+        self._push(dev, {}, st.norm.device)
+
+    def log_stats(self, stats: Any, *, step: Optional[int] = None, loss: Any = None,
+                  clip_coef: Any = None, clipped: Any = None, skipped: Any = None,
+                  lr: Any = None, params: Optional[Sequence[Tensor]] = None,
+                  **extra: Any) -> None:
+        """Record one step of a plain training loop (no host sync).
+
+        Args:
+            stats: the step's :class:`gradstats.GradStats` (``per_tensor=True`` to get
+                non-finite tensor names).
+            step: the step number (default: one more than the previous).
+            loss: 0-dim tensor or float.
+            clip_coef: clipping coefficient, 0-dim or ``[G]`` tensor (or float).
+            clipped: bool tensor (0-dim or ``[G]``): the gradients were clipped. Default:
+                ``clip_coef < 1``.
+            skipped: bool tensor or bool: the step was skipped.
+            lr: learning rate(s); default: from ``groups`` given to the constructor.
+            params: the parameters that had a gradient, in the order of
+                ``stats.per_tensor_norm`` (default: every parameter of ``groups``).
+            extra: other per-group or scalar fields of the format (``running_mean``, ...).
+        """
+        G = stats.norm.numel()
+        d = stats.norm.device
+        host: Dict[str, Any] = {}
+        self._host_step = self._host_step + 1 if step is None else int(step)
+        host["step"] = self._host_step
+        dev: Dict[str, Any] = {"total_norm": stats.total_norm, "norm": stats.norm,
+                               "max_abs": stats.max_abs, "nonfinite_count": stats.nonfinite}
+        nf = ~torch.isfinite(stats.total_norm)
+        if stats.nonfinite is not None:
+            nf = nf | (stats.nonfinite.sum() > 0)
+
+        def as_dev(v: Any, n: int) -> Tensor:
+            if isinstance(v, Tensor):
+                return v.detach().to(d).reshape(-1).expand(n) if v.numel() == 1 else \
+                    v.detach().to(d).reshape(-1)
+            return torch.full((n,), float(v), dtype=_F64, device=d)
+        if loss is not None:
+            if isinstance(loss, Tensor):
+                lt = loss.detach().reshape(())
+                dev["loss"] = lt
+                nf = nf | ~torch.isfinite(lt.to(d))
+            else:
+                host["loss"] = float(loss)
+        dev["nonfinite"] = nf
+        if clip_coef is not None:
+            c = as_dev(clip_coef, G)
+            dev["clip_coef"] = c
+            dev["clipped"] = (c < 1) if clipped is None else as_dev(clipped, G)
+        elif clipped is not None:
+            dev["clipped"] = as_dev(clipped, G)
+        if skipped is not None:
+            if isinstance(skipped, Tensor):
+                dev["skipped"] = skipped
+            else:
+                host["skipped"] = bool(skipped)
+        if lr is not None:
+            host["lr"] = ([float(x) for x in lr] if isinstance(lr, (list, tuple))
+                          else [float(lr)] * G)
+        for k, v in extra.items():
+            if k not in _SCALARS and k not in _PER_GROUP:
+                raise ValueError(f"unknown log field {k!r}; fields: "
+                                 f"{', '.join(_SCALARS + _PER_GROUP)}")
+            if isinstance(v, Tensor):
+                dev[k] = v
+            else:
+                host[k] = v
+        if stats.per_tensor_norm is not None:
+            if params is None:
+                groups = self._group_list()
+                params_g = [[p for p in g["params"]] for g in groups]
+                if sum(len(p) for p in params_g) != stats.per_tensor_norm.numel():
+                    params_g = [[p for p in g["params"] if p.grad is not None] for g in groups]
+            else:
+                params_g = [list(params)]
+            if self._layout is None or self._G != G:
+                self._ensure_layout(G, d)
+            first, count = self._bad_tensor_slots(stats.per_tensor_norm, params_g)
+            dev["nonfinite_tensors"] = first
+            dev["nonfinite_tensor_count"] = count
+        self._push(dev, host, d)
+
+    def _push(self, dev: Dict[str, Any], host: Dict[str, Any], device: torch.device) -> None:
+        if self.closed:
+            raise RuntimeError("this StatsLogger is closed")
+        G = int(dev["norm"].numel())
+        self._ensure_layout(G, device)
+        if "lr" not in host and "lr" not in dev:
+            lrs: List[Any] = []
+            for grp in self._group_list()[:G]:
+                lr = grp.get("lr")
+                if isinstance(lr, Tensor):
+                    # a device LR (capturable optimizers): keep a copy, read it at write-out
+                    lr = float(lr) if lr.device.type == "cpu" else lr.detach().clone()
+                lrs.append(lr)
+            host["lr"] = lrs
+        assert self._layout is not None and self._dev_buf is not None
+        pieces: List[Tensor] = []
+        absent: List[str] = []
+        for name, (off, width) in self._layout.items():
+            v = dev.get(name)
+            if v is None:
+                pieces.append(self._nan(device, width))
+                if name not in host:
+                    absent.append(name)
+                continue
+            v = v.detach()
+            if v.device != device:
+                v = v.to(device)
+            v = v.reshape(-1)
+            if v.numel() != width:
+                v = v.expand(width) if v.numel() == 1 else v[:width]
+            pieces.append(v)
+        torch.cat(pieces, out=self._dev_buf[self._slot])
+        self._metas.append({"host": host, "absent": absent})
+        self._slot += 1
+        self.counters["records"] += 1
+        if self._slot == self.flush_every:
+            self._flush_device()
+
+    # ---------------------------------------------------------------------- flushing
+    def _flush_device(self) -> None:
+        """One asynchronous copy of the filled rows into pinned host memory."""
+        if self._slot == 0 or self._dev_buf is None:
+            return
+        n = self._slot
+        hb = self._host_bufs[self._next_host]
+        self._next_host ^= 1
+        if self._pending is not None and self._pending[0] is hb:  # never overwrite
+            prev, self._pending = self._pending, None
+            self._decode_and_write(prev)
+        hb[:n].copy_(self._dev_buf[:n], non_blocking=True)
+        self.counters["d2h_copies"] += 1
+        event = None
+        if self._dev_buf.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        new = (hb, n, event, self._metas, dict(self._layout or {}))
+        self._slot = 0
+        self._metas = []
+        prev, self._pending = self._pending, new
+        if prev is not None:
+            self._decode_and_write(prev)
+
+    def _decode_and_write(self, batch) -> None:
+        hb, n, event, metas, layout = batch
+        if event is not None:
+            event.synchronize()
+            self.counters["syncs"] += 1
+        rows = hb[:n].tolist()
+        for row, meta in zip(rows, metas):
+            self.writer.write(self._decode(row, meta, layout))
+            self._steps_written += 1
+        self.counters["writes"] += 1
+
+    def _decode(self, row: List[float], meta: Dict[str, Any],
+                layout: Dict[str, Tuple[int, int]]) -> Dict[str, Any]:
+        host, absent = meta["host"], set(meta["absent"])
+
+        def get(name: str) -> Any:
+            if name in host:
+                v = host[name]
+                if isinstance(v, list):
+                    v = [float(x) if isinstance(x, Tensor) else x for x in v]
+                return v
+            if name in absent:
+                return None
+            off, w = layout[name]
+            vals = row[off:off + w]
+            if name in _BOOLS:
+                vals = [bool(v) if v == v else None for v in vals]
+            elif name in _INTS:
+                vals = [int(v) if math.isfinite(v) else None for v in vals]
+            return vals[0] if name in _SCALARS else vals
+
+        rec: Dict[str, Any] = {"type": "step"}
+        rec["step"] = get("step")
+        rec["loss"] = get("loss")
+        rec["total_norm"] = get("total_norm")
+        skipped = get("skipped")
+        rec["skipped"] = bool(skipped) if skipped is not None else False
+        reason = None
+        if rec["skipped"]:
+            if get("skipped_nonfinite"):
+                reason = "nonfinite"
+            elif get("skipped_spike"):
+                reason = "spike"
+            else:
+                reason = "other"
+        rec["skip_reason"] = reason
+        rec["nonfinite"] = get("nonfinite")
+        rec["loss_scale"] = get("loss_scale")
+        for name in _PER_GROUP:
+            rec[name] = get(name)
+        idx = get("nonfinite_tensors")
+        if idx is None:
+            rec["nonfinite_tensors"] = None
+            rec["nonfinite_tensor_count"] = None
+        else:
+            names = self._param_names
+            rec["nonfinite_tensors"] = [names[int(i)] if 0 <= int(i) < len(names)
+                                        else f"tensor{int(i)}" for i in idx
+                                        if i == i and int(i) >= 0]
+            rec["nonfinite_tensor_count"] = get("nonfinite_tensor_count")
+        return rec
+
+    def _write_all(self) -> None:
+        self._flush_device()
+        if self._pending is not None:
+            prev, self._pending = self._pending, None
+            self._decode_and_write(prev)
+
+    def flush(self) -> None:
+        """Write out everything recorded so far (waits for the device: one sync)."""
+        self._write_all()
+        f = getattr(self.writer, "flush", None)
+        if f is not None:
+            f()
+
+    def close(self) -> None:
+        """Flush and write the end record; the logger cannot record afterwards."""
+        if self.closed:
+            return
+        self.flush()
+        if self._header is not None:
+            self.writer.write({"type": "end", "steps": self._steps_written,
+                               "counters": dict(self.counters)})
+        c = getattr(self.writer, "close", None)
+        if c is not None:
+            c()
+        self.closed = True
+        _OPEN_LOGGERS.discard(self)
+
+    def __enter__(self) -> "StatsLogger":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"StatsLogger(path={self.path!r}, flush_every={self.flush_every}, "
+                f"records={self.counters['records']})")
+
+
+def attach(opt: Any, log: Any, **kwargs: Any) -> StatsLogger:
+    """Create (or take) a :class:`StatsLogger` for ``log`` and attach it to ``opt``.
+
+    Args:
+        opt: a :class:`~gradstats.StableOptimizer`.
+        log: a :class:`StatsLogger`, a path or a writer (see :func:`open_writer`).
+        kwargs: constructor arguments of :class:`StatsLogger` (``flush_every``, ``meta``...).
+    """
+    logger = log if isinstance(log, StatsLogger) else StatsLogger(log, **kwargs)
+    return logger.bind(opt)
+
+
+# ================================================================================ reader
+@dataclass
+class LogData:
+    """A stats log read back by :func:`read_log`.
+
+    Attributes:
+        path: the file.
+        header: the (first) header record, or ``{}`` if none was found.
+        records: the step records in file order (values decoded: floats, bools, ``None``).
+        end: the end record, or ``None`` if the run did not close the log.
+        problems: one message per line that could not be used, naming the line number.
+    """
+
+    path: str
+    header: Dict[str, Any] = field(default_factory=dict)
+    records: List[Dict[str, Any]] = field(default_factory=list)
+    end: Optional[Dict[str, Any]] = None
+    problems: List[str] = field(default_factory=list)
+
+    @property
+    def groups(self) -> List[str]:
+        return list(self.header.get("groups") or [])
+
+    @property
+    def label(self) -> str:
+        meta = self.header.get("meta") or {}
+        if meta.get("run") is not None:
+            return str(meta["run"])
+        base = os.path.basename(self.path)
+        return base.rsplit(".", 1)[0] if "." in base else base
+
+
+def _check_step(rec: Dict[str, Any]) -> Optional[str]:
+    s = rec.get("step")
+    if not isinstance(s, int) or isinstance(s, bool):
+        return "step record without an integer 'step'"
+    for k in ("norm", "clip_coef", "max_abs"):
+        v = rec.get(k)
+        if v is not None and not isinstance(v, list):
+            return f"'{k}' is not a list"
+    return None
+
+
+def read_log(path: Union[str, os.PathLike]) -> LogData:
+    """Read a stats log (JSON Lines or CSV) written by :class:`StatsLogger`.
+
+    Corrupt or truncated lines do not stop the reading: each one is reported in
+    :attr:`LogData.problems` with its line number, and every other line is returned.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+    """
+    p = os.fspath(path)
+    with open(p, "r", encoding="utf-8", errors="replace", newline="") as f:
+        text = f.read()
+    first = text.lstrip()[:1]
+    if first == "#":
+        return _read_csv(p, text)
+    out = LogData(path=p)
+    lines = text.split("\n")
+    ends_clean = text.endswith("\n")
+    n_lines = len(lines) - (1 if ends_clean or text == "" else 0)
+    for i, line in enumerate(lines[:n_lines], start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            last = (i == n_lines and not ends_clean)
+            what = ("truncated: the file ends in the middle of this record (was the run "
+                    "killed while writing?)" if last else f"not valid JSON ({e.msg} at "
+                    f"column {e.colno})")
+            out.problems.append(f"{p}: line {i}: {what}; line skipped")
+            continue
+        if not isinstance(obj, dict):
+            out.problems.append(f"{p}: line {i}: expected a JSON object, got "
+                                f"{type(obj).__name__}; line skipped")
+            continue
+        kind = obj.get("type")
+        obj = {k: _dec(v) for k, v in obj.items()}
+        if kind == "header":
+            if obj.get("format") != FORMAT_NAME:
+                out.problems.append(f"{p}: line {i}: header of an unknown format "
+                                    f"{obj.get('format')!r}")
+            v = obj.get("version")
+            if isinstance(v, int) and v > FORMAT_VERSION:
+                out.problems.append(f"{p}: line {i}: log format version {v} is newer than "
+                                    f"this gradstats reads ({FORMAT_VERSION}); reading "
+                                    f"what it can")
+            if not out.header:
+                out.header = obj
+            else:
+                out.header = {**out.header, **{k: obj[k] for k in ("groups", "params",
+                                                                   "param_group")
+                                               if k in obj}}
+        elif kind == "step":
+            bad = _check_step(obj)
+            if bad:
+                out.problems.append(f"{p}: line {i}: {bad}; line skipped")
+                continue
+            out.records.append(obj)
+        elif kind == "end":
+            out.end = obj
+        else:
+            out.problems.append(f"{p}: line {i}: unknown record type {kind!r}; line skipped")
+    if not out.header:
+        out.problems.append(f"{p}: no header record found (line 1 should be the header); "
+                            f"group and parameter names are unknown")
+    return out
+
+
+def _num(s: str) -> Any:
+    if s == "":
+        return None
+    if s in ("True", "true"):
+        return True
+    if s in ("False", "false"):
+        return False
+    try:
+        return int(s)
+    except ValueError:
+        pass
+    try:
+        return float(s)
+    except ValueError:
+        return _NONFINITE_STR.get(s, s)
+
+
+def _read_csv(p: str, text: str) -> LogData:
+    out = LogData(path=p)
+    cols: Optional[List[str]] = None
+    lines = text.split("\n")
+    ends_clean = text.endswith("\n")
+    n_lines = len(lines) - (1 if ends_clean else 0)
+    for i, line in enumerate(lines[:n_lines], start=1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        if line.startswith("#"):
+            try:
+                obj = {k: _dec(v) for k, v in json.loads(line[1:]).items()}
+            except (json.JSONDecodeError, AttributeError) as e:
+                out.problems.append(f"{p}: line {i}: comment line is not a JSON record "
+                                    f"({e}); line skipped")
+                continue
+            if obj.get("type") == "header":
+                out.header = out.header or obj
+                cols = None
+            elif obj.get("type") == "end":
+                out.end = obj
+            continue
+        row = next(csv.reader([line]))
+        if cols is None:
+            cols = row
+            continue
+        if len(row) != len(cols):
+            last = (i == n_lines and not ends_clean)
+            what = ("truncated: the file ends in the middle of this row" if last else
+                    f"{len(row)} fields where the column row has {len(cols)}")
+            out.problems.append(f"{p}: line {i}: {what}; line skipped")
+            continue
+        rec: Dict[str, Any] = {"type": "step"}
+        per: Dict[str, Dict[int, Any]] = {}
+        try:
+            for c, v in zip(cols, row):
+                if "." in c and c.rsplit(".", 1)[1].isdigit():
+                    name, g = c.rsplit(".", 1)
+                    val = _num(v)
+                    if name in _BOOLS and val is not None:
+                        val = bool(val)
+                    per.setdefault(name, {})[int(g)] = val
+                elif c == "nonfinite_tensors":
+                    rec[c] = [s for s in v.split(";") if s] if v else []
+                elif c in ("skip_reason",):
+                    rec[c] = v or None
+                else:
+                    val = _num(v)
+                    if c in _BOOLS and val is not None:
+                        val = bool(val)
+                    rec[c] = val
+        except Exception as e:  # pragma: no cover - defensive
+            out.problems.append(f"{p}: line {i}: unreadable row ({e}); line skipped")
+            continue
+        for name, d in per.items():
+            vals = [d[g] for g in sorted(d)]
+            rec[name] = None if all(v is None for v in vals) else vals
+        bad = _check_step(rec)
+        if bad:
+            out.problems.append(f"{p}: line {i}: {bad}; line skipped")
+            continue
+        out.records.append(rec)
+    if not out.header:
+        out.problems.append(f"{p}: no header record found; group and parameter names are "
+                            f"unknown")
+    return out
