@@ -59,8 +59,8 @@ from . import _dispatch, _grouping
 from .backends.base import Partials, finalize
 from .stats import GradStats, check_norm_type
 
-__all__ = ["grad_stats", "get_total_norm", "clip_grad_norm_", "last_reduction",
-           "is_dtensor"]
+__all__ = ["grad_stats", "get_total_norm", "clip_grad_norm_", "set_pp_group",
+           "last_reduction", "is_dtensor"]
 
 _F32 = torch.float32
 _F64 = torch.float64
@@ -87,7 +87,7 @@ class _Plan:
     """Everything about one gradient layout that does not change from step to step."""
 
     __slots__ = ("mesh", "keep", "keep_idx", "all_kept", "partial", "steps", "sharded_dims",
-                 "pp_world", "G", "T")
+                 "pp_world", "pp_active", "G", "T")
 
     def __init__(self) -> None:
         self.mesh = None
@@ -99,6 +99,7 @@ class _Plan:
         self.steps: List[Tuple[Any, bool]] = []
         self.sharded_dims: Tuple[int, ...] = ()
         self.pp_world = False
+        self.pp_active = False  # statistics are combined across pipeline stages
         self.G = 0
         self.T = 0
 
@@ -203,6 +204,7 @@ def _build_plan(flat: List[Tensor], sizes: Tuple[int, ...], pp: Any, per_tensor:
         _require_initialized("a pp_group was given")
         n_pp = dist.get_world_size(pp)
         if n_pp > 1:
+            plan.pp_active = True
             world = dist.get_world_size()
             mesh = plan.mesh
             mesh_ranks = set(mesh.mesh.flatten().tolist()) if mesh is not None \
@@ -394,7 +396,9 @@ def compute_groups(groups: List[List[Tensor]], norm_type: float = 2.0,
     parts, cslices = _local_partials(comp, G, norm_type, per_tensor, backend, full, device,
                                      what)
     all_slices = cslices if comp is locs else _grouping.slices(locs, what)[0]
-    numel = _local_numel(comp, device)
+    # element counts: the DTensors' global sizes (no communication); with a pipeline the
+    # contributing local counts are summed across ranks
+    numel = _numel_of(comp if plan.pp_active else groups, device)
     T = len(flat)
     fin, numel = _reduce_and_finalize(parts, numel, plan, norm_type, per_tensor, full, G, T,
                                       device)
@@ -425,8 +429,9 @@ def _buffer_device(locs: List[List[Tensor]], plan: _Plan, pp: Any) -> torch.devi
 _NUMEL: Dict[Any, Tensor] = {}
 
 
-def _local_numel(comp: List[List[Tensor]], device: torch.device) -> Tensor:
-    vals = tuple(sum(t.numel() for t in grads) for grads in comp)
+def _numel_of(groups: List[List[Tensor]], device: torch.device) -> Tensor:
+    """int64 [G] element counts (of DTensors: their global sizes), cached by value."""
+    vals = tuple(sum(t.numel() for t in grads) for grads in groups)
     key = (vals, device)
     t = _NUMEL.get(key)
     if t is None:
@@ -437,112 +442,118 @@ def _local_numel(comp: List[List[Tensor]], device: torch.device) -> Tensor:
     return t
 
 
+def _max_bits(x: Tensor) -> Tensor:
+    """float32 values >= 0 (or NaN) as int32 bit patterns whose integer order is the float
+    order with NaN above +Inf: an integer MAX then propagates NaN, which a float MAX
+    reduction does not guarantee."""
+    x = x.to(_F32).abs()
+    x = torch.where(torch.isnan(x), torch.full_like(x, math.nan).abs(), x)
+    return x.view(torch.int32)
+
+
 def _reduce_and_finalize(parts: Partials, numel: Tensor, plan: _Plan, norm_type: float,
                          per_tensor: bool, full: bool, G: int, T: int,
                          device: torch.device):
-    """Pack, all-reduce (one SUM, at most one MAX per step), unpack, finalize."""
+    """Pack, all-reduce (at most one SUM and one MAX per step), unpack, finalize.
+
+    SUM buffer (float64; counts exact up to 2**53): ``[numel (pipeline only), acc
+    (finite p), n_nan, n_inf (full)]`` per group, then the same per tensor. MAX buffer
+    (float32 bit patterns as int32, see :func:`_max_bits`): ``[max_abs (full), acc (p =
+    inf)]`` per group, then ``acc`` per tensor for ``p = inf``. Group entries come first
+    so that a pipeline step can reduce just them.
+    """
     inf = math.isinf(norm_type)
-    # scatter per-tensor entries of the contributing tensors to all T slots
+    pp_numel = plan.pp_active
     t_acc = t_nan = t_inf = None
-    if per_tensor:
+    if per_tensor:  # scatter the contributing tensors' entries to all T slots
         if plan.all_kept:
             t_acc, t_nan, t_inf = parts.t_acc, parts.t_nan, parts.t_inf
         else:
             idx = torch.tensor(plan.keep_idx, dtype=_I64, device=device)
-            t_acc = torch.zeros(T, dtype=_F32, device=device).index_copy_(0, idx, parts.t_acc)
+
+            def scatter(v: Tensor) -> Tensor:
+                return torch.zeros(T, dtype=v.dtype, device=device).index_copy_(0, idx, v)
+            t_acc = scatter(parts.t_acc)
             if full:
-                t_nan = torch.zeros(T, dtype=_I64, device=device).index_copy_(0, idx,
-                                                                               parts.t_nan)
-                t_inf = torch.zeros(T, dtype=_I64, device=device).index_copy_(0, idx,
-                                                                               parts.t_inf)
-    # ---- SUM buffer (float64): group part first, then the per-tensor part
-    g_sum = [numel.to(_F64)]
+                t_nan, t_inf = scatter(parts.t_nan), scatter(parts.t_inf)
+    g_sum: List[Tensor] = []
+    if pp_numel:
+        g_sum.append(numel)
     if not inf:
-        g_sum.append(parts.acc.to(_F64))
+        g_sum.append(parts.acc)
     if full:
-        g_sum += [parts.n_nan.to(_F64), parts.n_inf.to(_F64)]
-    elif inf:
-        g_sum.append(torch.isnan(parts.acc).to(_F64))
-    t_sum = []
+        g_sum += [parts.n_nan, parts.n_inf]
+    t_sum: List[Tensor] = []
     if per_tensor:
         if not inf:
-            t_sum.append(t_acc.to(_F64))
+            t_sum.append(t_acc)
         if full:
-            t_sum += [t_nan.to(_F64), t_inf.to(_F64)]
-        elif inf:
-            t_sum.append(torch.isnan(t_acc).to(_F64))
-    # ---- MAX buffer (float32)
-    g_max = []
+            t_sum += [t_nan, t_inf]
+    g_max: List[Tensor] = []
     if full:
-        g_max.append(parts.max_abs.to(_F32))
+        g_max.append(parts.max_abs)
     if inf:
-        a = parts.acc.to(_F32)
-        g_max.append(torch.where(torch.isnan(a), torch.zeros_like(a), a))
-    t_max = []
-    if per_tensor and inf:
-        t_max.append(torch.where(torch.isnan(t_acc), torch.zeros_like(t_acc), t_acc))
+        g_max.append(parts.acc)
+    t_max = [t_acc] if (per_tensor and inf) else []
 
-    sum_buf = torch.cat(g_sum + t_sum)
-    n_gsum = sum(t.numel() for t in g_sum)
-    max_buf = torch.cat(g_max + t_max) if (g_max or t_max) else None
-    n_gmax = sum(t.numel() for t in g_max)
-    n_coll = 0
-    nbytes = 0
+    def pack(ts: List[Tensor], conv) -> Optional[Tensor]:
+        return torch.cat([conv(t) for t in ts]) if ts else None
+    to64 = (lambda t: t.to(_F64))
+    sum_buf = pack(g_sum + t_sum, to64)
+    max_buf = pack(g_max + t_max, _max_bits)
+    n_gsum = G * len(g_sum)
+    n_gmax = G * len(g_max)
+    n_coll = nbytes = 0
     for group, with_tensors in plan.steps:
-        s = sum_buf if with_tensors else sum_buf.narrow(0, 0, n_gsum)
-        _all_reduce(s, dist.ReduceOp.SUM, group)
-        n_coll += 1
-        nbytes += s.numel() * s.element_size()
-        if max_buf is not None:
-            m = max_buf if with_tensors else max_buf.narrow(0, 0, n_gmax)
-            if m.numel():
-                _all_reduce(m, dist.ReduceOp.MAX, group)
-                n_coll += 1
-                nbytes += m.numel() * m.element_size()
-    last_reduction.update(collectives=n_coll, bytes=nbytes, sum_numel=sum_buf.numel(),
+        for buf, n_g, op in ((sum_buf, n_gsum, dist.ReduceOp.SUM),
+                             (max_buf, n_gmax, dist.ReduceOp.MAX)):
+            if buf is None:
+                continue
+            b = buf if with_tensors else buf.narrow(0, 0, n_g)
+            if b.numel() == 0:
+                continue
+            _all_reduce(b, op, group)
+            n_coll += 1
+            nbytes += b.numel() * b.element_size()
+    last_reduction.update(collectives=n_coll, bytes=nbytes,
+                          sum_numel=0 if sum_buf is None else sum_buf.numel(),
                           max_numel=0 if max_buf is None else max_buf.numel())
 
-    # ---- unpack
-    off = 0
+    # ---- unpack (same order as packed)
+    cur = {"off": 0}
 
     def take(buf: Tensor, n: int) -> Tensor:
-        nonlocal off
-        v = buf.narrow(0, off, n)
-        off += n
+        v = buf.narrow(0, cur["off"], n)
+        cur["off"] += n
         return v
 
-    numel_g = take(sum_buf, G).round().to(_I64)
+    if pp_numel:
+        numel = take(sum_buf, G).round().to(_I64)
     acc = None if inf else take(sum_buf, G)
-    n_nan = n_inf = nanflag = None
+    n_nan = n_inf = None
     if full:
         n_nan = take(sum_buf, G).round().to(_I64)
         n_inf = take(sum_buf, G).round().to(_I64)
-    elif inf:
-        nanflag = take(sum_buf, G)
-    tacc = tnan = tinf = tnanflag = None
+    tacc = tnan = tinf = None
     if per_tensor:
         if not inf:
             tacc = take(sum_buf, T)
         if full:
             tnan = take(sum_buf, T).round().to(_I64)
             tinf = take(sum_buf, T).round().to(_I64)
-        elif inf:
-            tnanflag = take(sum_buf, T)
-    off = 0
     max_abs = None
-    if full:
-        max_abs = take(max_buf, G)
-    if inf:
-        acc = take(max_buf, G).to(_F64)
-        if nanflag is not None:
-            acc = torch.where(nanflag > 0, torch.full_like(acc, math.nan), acc)
-        if per_tensor:
-            tacc = take(max_buf, T).to(_F64)
-            if tnanflag is not None:
-                tacc = torch.where(tnanflag > 0, torch.full_like(tacc, math.nan), tacc)
+    if max_buf is not None:
+        maxf = max_buf.view(_F32)
+        cur["off"] = 0
+        if full:
+            max_abs = take(maxf, G)
+        if inf:
+            acc = take(maxf, G).to(_F64)
+            if per_tensor:
+                tacc = take(maxf, T).to(_F64)
     red = Partials(acc=acc, max_abs=max_abs, n_nan=n_nan, n_inf=n_inf, t_acc=tacc,
                    t_nan=tnan, t_inf=tinf)
-    return finalize(red, norm_type, per_tensor), numel_g
+    return finalize(red, norm_type, per_tensor), numel
 
 
 # ------------------------------------------------------------------ public helpers
@@ -622,3 +633,38 @@ def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2.0,
     for sl in slices:
         _dispatch.select(sl, p, None).scale_(sl, coef.to(sl.device))
     return clip._like_torch(st.total_norm, grads, p) if grads else st.total_norm
+
+
+def set_pp_group(optimizer: Any, pp_group: Any) -> Any:
+    """Make a :class:`gradstats.StableOptimizer` combine its statistics across pipeline
+    stages: every stage then sees the global norms and takes the same clip/skip decision.
+
+    Every stage must call ``step()`` on every iteration (with gradients), and the stages'
+    optimizers must have the same number of parameter groups (group ``g`` of every stage
+    is combined into one). DTensor gradients need nothing of this: they are reduced across
+    their mesh anyway.
+
+    Args:
+        optimizer: the stage's ``StableOptimizer``.
+        pp_group: the pipeline process group (or 1-D device mesh); ``None`` undoes it.
+
+    Returns:
+        the optimizer.
+    """
+    from .optim import StableOptimizer
+    if not isinstance(optimizer, StableOptimizer):
+        raise TypeError(f"optimizer must be a gradstats.StableOptimizer, got "
+                        f"{type(optimizer).__name__}")
+    if pp_group is None:
+        optimizer.__dict__.pop("_measure", None)
+        return optimizer
+    group = _as_group(pp_group)
+
+    def _measure(grads: List[List[Tensor]], max_norm: Optional[float]):
+        st, coef, _ = compute_groups(grads, optimizer.norm_type,
+                                     per_tensor=optimizer.per_tensor, full=True,
+                                     max_norm=max_norm, pp_group=group)
+        return st, coef
+
+    optimizer._measure = _measure
+    return optimizer

@@ -228,6 +228,9 @@ def job_two(rank, world):
     _, calls = _collectives_of(lambda: gradstats.clip_grad_norm_(
         params_from([t.clone() for t in flat_dt]), 1.0))
     assert calls == ["torch.distributed.all_reduce"], calls
+    _, calls = _collectives_of(lambda: gradstats.clip_grad_norm_(
+        params_from([t.clone() for t in flat_dt]), 1.0, norm_type=math.inf))
+    assert calls == ["torch.distributed.all_reduce"], calls  # one MAX
     _, calls = _collectives_of(lambda: gradstats.grad_stats(params_from(flat_dt)))
     assert calls == ["torch.distributed.all_reduce"] * 2, calls
     res["clip_collectives"] = 1
@@ -429,6 +432,27 @@ def job_four(rank, world):
     coef = (total_all / 4) / (total_all + 1e-6)
     for a, b in zip(ps, flat_mine):
         assert torch.allclose(a.grad.to_local(), b.to_local() * coef, rtol=1e-6)
+    # StableOptimizer on each stage, statistics combined across stages
+    from gradstats import StableOptimizer
+    for nan_stage in (None, 1):
+        ps = [params_from([t.clone() for t in grp]) for grp in mine]
+        if nan_stage == stage and pmesh.get_coordinate()[1] == 0:
+            ps[1][0].grad.to_local().view(-1)[0] = float("nan")
+        before = [p.detach().to_local().clone() for grp in ps for p in grp]
+        opt = StableOptimizer(torch.optim.SGD([{"params": g} for g in ps], lr=0.1),
+                              max_norm=total_all / 4)
+        gradstats.distributed.set_pp_group(opt, pmesh["pp"])
+        (_, calls) = _collectives_of(opt.step)
+        assert len(calls) <= 2, calls
+        rec = opt.last_stats
+        assert same_everywhere(rec.clip_coef) and same_everywhere(rec.skipped)
+        if nan_stage is None:
+            check_stats(rec.stats, all_groups, 2.0, label="pp-stable")
+            assert not bool(rec.skipped)
+        else:
+            assert bool(rec.skipped) and int(rec.stats.nonfinite.sum()) == 1
+            after = [p.detach().to_local() for grp in ps for p in grp]
+            assert all(torch.equal(a, b) for a, b in zip(after, before))
     return {"hsdp_placements": sorted(pls)}
 
 
