@@ -21,20 +21,23 @@ How it works
      such tensor; FSDP2 and the usual tensor-parallel plans never produce them).
 
 3. The statistics of **all groups and tensors travel in one packed float64 buffer reduced
-   with one ``all_reduce(SUM)``** over the mesh (sums of p-th powers, NaN/Inf counts and
-   element counts — counts are exact in float64 up to 2**53), plus **at most one
-   ``all_reduce(MAX)``** of a float32 buffer (max-abs, and the accumulators of the
-   ``inf``-norm). The clipping drop-ins with a finite ``p`` need no MAX: one collective.
-   For ``p = inf`` without counts, a NaN flag rides in the SUM buffer because a MAX
-   reduction is not guaranteed to propagate NaN.
+   with one ``all_reduce(SUM)``** over the mesh (sums of p-th powers and NaN/Inf counts;
+   counts are exact in float64 up to 2**53), plus **at most one ``all_reduce(MAX)``** of
+   max-abs and the ``inf``-norm accumulators. The MAX buffer holds the float32 values as
+   int32 bit patterns: for values >= 0 the integer order is the float order, with NaN
+   above +Inf, so NaN propagates (a float MAX reduction does not promise that). Element
+   counts come from the DTensors' global shapes without communication. So the clipping
+   drop-ins need one collective (SUM for finite ``p``, MAX for ``inf``) of 8 bytes (4 for
+   ``inf``) per group; full statistics need one SUM and one MAX.
 4. Every rank finalizes the identical reduced buffers with the same code, so norms,
    clipping coefficients and skip decisions are bit-identical on all ranks.
 
 Pipeline parallelism: each stage holds different parameters; ``pp_group`` (a process group
 or a 1-D device mesh) adds the stages' per-group statistics (sum of p-th powers, or max),
 as torchtitan does for its total norm. When the stage meshes times the pipeline group
-cover the whole world, both reductions are one ``all_reduce`` over the world group.
-Per-tensor norms stay per stage. Every stage must pass the same number of groups.
+cover the whole world, both reductions are one ``all_reduce`` over the world group;
+otherwise the group entries get a second SUM (and MAX) over ``pp_group``. Per-tensor norms
+stay per stage. Every stage must call with gradients and the same number of groups.
 
 DDP (plain tensors): DDP all-reduces the gradients during ``backward``, so every rank
 holds the same, already global, gradient: the local statistics *are* the global ones and
@@ -49,7 +52,7 @@ which collectives to run depend only on metadata that is the same on every rank
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -105,6 +108,17 @@ class _Plan:
 
 
 _PLANS: Dict[tuple, _Plan] = {}
+
+
+def _is_shard_like(pl: Any) -> bool:
+    """``Shard(d)`` or FSDP2+TP's ``_StridedShard`` (disjoint pieces, not a Shard subclass)."""
+    if pl.is_shard():
+        return True
+    try:
+        from torch.distributed.tensor.placement_types import _StridedShard
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return isinstance(pl, _StridedShard)
 
 
 def _require_initialized(why: str) -> None:
@@ -177,7 +191,7 @@ def _build_plan(flat: List[Tensor], sizes: Tuple[int, ...], pp: Any, per_tensor:
             target = []
             has_partial = False
             for d, pl in enumerate(g.placements):
-                if pl.is_shard():
+                if _is_shard_like(pl):
                     sharded.add(d)
                     target.append(pl)
                 elif pl.is_replicate():
@@ -350,8 +364,9 @@ def _local_partials(comp: List[List[Tensor]], G: int, norm_type: float, per_tens
             else:
                 t_acc[idx] = dev(ta).to(_F32)
             if full:
-                tn = p.t_nan if p.t_nan is not None else torch.zeros_like(p.t_acc, dtype=_I64)
-                ti = p.t_inf if p.t_inf is not None else torch.zeros_like(p.t_acc, dtype=_I64)
+                n_t = len(s.tensors)
+                tn = p.t_nan if p.t_nan is not None else torch.zeros(n_t, dtype=_I64)
+                ti = p.t_inf if p.t_inf is not None else torch.zeros(n_t, dtype=_I64)
                 if idx is None:
                     t_nan, t_inf = dev(tn), dev(ti)
                 else:

@@ -363,8 +363,10 @@ def job_four(rank, world):
                                   ((2, 2), [Replicate()])]], 20, "1d-4")
     # 2-D mesh 2 x 2: every combination of Shard/Replicate
     mesh2 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    from torch.distributed.tensor.placement_types import _StridedShard
     layout = [
-        [((8, 6), [Shard(0), Shard(1)]), ((7, 5), [Replicate(), Shard(0)])],
+        [((8, 6), [Shard(0), Shard(1)]), ((7, 5), [Replicate(), Shard(0)]),
+         ((8, 3), [_StridedShard(0, split_factor=2), Shard(0)])],  # FSDP2 + TP layout
         [((5, 4), [Shard(1), Replicate()]), ((3, 3), [Replicate(), Replicate()]),
          ((9,), [Shard(0), Shard(0)])],
     ]
@@ -498,7 +500,7 @@ def job_stable(rank, world, fused):
     # single elements that Adam divides by a tiny sqrt(v) differ by a few ulps more
     worst = 0.0
     for p, q in zip(model.parameters(), ref.parameters()):
-        a, b = p.full_tensor().double(), q.detach().double()
+        a, b = p.detach().full_tensor().double(), q.detach().double()
         worst = max(worst, float((a - b).norm() / b.norm()))
     assert worst <= 1e-5, worst
     # the wrapper's own state (running statistics, policy state, counters) is identical
