@@ -367,3 +367,38 @@ def test_env_caps_capability():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.stdout.strip() == "DEFAULT", out.stderr
+
+
+# ----------------------------------------------------------------------- CUDA source
+
+
+@pytest.mark.slow
+def test_cuda_source_compiles_to_sm90_ptx(tmp_path):
+    """No GPU in CI: at least compile csrc/cuda/stats_cuda.cu to sm_90 PTX with torch's
+    nvcc macros and check the 16-byte vector loads/stores are there."""
+    import shutil
+    import subprocess
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    if not os.path.exists(nvcc):
+        pytest.skip("nvcc not found")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = os.path.join(root, "csrc", "cuda", "stats_cuda.cu")
+    out = tmp_path / "stats.ptx"
+    cmd = [nvcc, "-std=c++20", "-O3", "-arch=compute_90", "-ptx", src, "-o", str(out),
+           "--expt-relaxed-constexpr", "-D_GLIBCXX_USE_CXX11_ABI=1",
+           # torch's COMMON_NVCC_FLAGS, and: a CPU-only torch ships no cuda_cmake_macros.h
+           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+           "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+           "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-I" + sysconfig.get_paths()["include"]]
+    cmd += ["-I" + p for p in cpp_extension.include_paths()]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    ptx = out.read_text()
+    stats = ptx[ptx.index("stats_kernel"):ptx.index("finalize_kernel")]
+    assert "ld.global.cs.v4.u32" in stats  # 16-byte streaming loads
+    scale = ptx[ptx.rindex(".entry", 0, ptx.index("scale_kernelEPK")):]
+    assert "ld.v4" in scale and "st.v4" in scale  # 16-byte loads and stores

@@ -16,6 +16,11 @@ chosen at run time). Non-contiguous gradients that are not a dense permutation a
 once first. The scale op reads and writes each gradient once, only when it clips.
 
 The fake (meta) kernels below let the ops run under ``torch.compile`` and fake tensors.
+
+Environment: ``GRADSTATS_NO_EXT=1`` ignores the compiled extension (pure Python);
+``GRADSTATS_CPU_CAPABILITY=avx2|default`` caps the CPU kernel build used (read once per
+process; torch's ``ATEN_CPU_CAPABILITY`` caps it too). CUDA: the device metadata of a
+gradient set is cached by content, so run one eager step before capturing a CUDA graph.
 """
 from __future__ import annotations
 
