@@ -64,8 +64,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_info)
     p = sub.add_parser("demo", help="train a small model with and without gradstats")
     p.add_argument("--out", default="demo_out", help="output folder")
-    p.add_argument("--steps", type=int, default=None, help="training steps")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 400)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of both runs")
     p.set_defaults(fn=lambda a: _delegate("demo", a))
+    p = sub.add_parser("report", help="plots and a diagnosis from stats logs",
+                       description="Read stats logs (written by StableOptimizer(log=...) or "
+                       "gradstats.telemetry.StatsLogger), write PNG plots and report.md with "
+                       "a plain-language diagnosis. Several logs are treated as seeds of one "
+                       "configuration unless --compare is given.")
+    p.add_argument("logs", nargs="+", metavar="LOG", help="stats log (.jsonl or .csv)")
+    p.add_argument("--out", default="gradstats_out", help="output folder (default: "
+                   "gradstats_out)")
+    p.add_argument("--k", type=float, default=3.0, help="band width in running standard "
+                   "deviations (default 3)")
+    p.add_argument("--window", type=int, default=50, help="moving window of the clip "
+                   "activation rate, in steps (default 50)")
+    p.add_argument("--compare", action="store_true", help="the logs are different "
+                   "configurations, not seeds: overlay them, no seed-spread diagnosis")
+    p.set_defaults(fn=lambda a: _delegate("report", a))
+    p = sub.add_parser("bench", help="benchmark gradstats against the torch baselines")
+    p.add_argument("--quick", action="store_true", help="a short run (< 2 min on a CPU)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda when available, else cpu")
+    p.add_argument("--reps", type=int, default=None, help="timed calls per case")
+    p.add_argument("--sets", nargs="+", default=None, help="gradient sets to run "
+                   "(gpt2-124m, llama3.2-1b, resnet50-like, 2000-small)")
+    p.add_argument("--out", default="bench_out", help="folder of bench.json")
+    p.add_argument("--json", default=None, help="JSON output path (overrides --out)")
+    p.set_defaults(fn=lambda a: _delegate("bench", a))
     return ap
 
 
