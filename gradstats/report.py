@@ -3,7 +3,7 @@
 Reads stats logs written by :mod:`gradstats.telemetry`, looks for the usual signals of
 unstable training and writes ``report.md`` plus PNG plots into ``DIR``:
 
-* ``<run>_overview.png``: loss, each group's gradient norm with the running mean +- k std
+* ``<log name>_overview.png``: loss, each group's gradient norm with the running mean +- k std
   band, clipped / skipped / non-finite steps marked, clip activation rate over a moving
   window;
 * with several logs: ``runs_loss.png`` (every run overlaid) and, when the logs are seeds
@@ -728,7 +728,7 @@ def _stretches(mask: np.ndarray) -> List[Tuple[int, int]]:
     return out
 
 
-def _legend_above(ax, ncol: int = 4) -> None:
+def _legend_above(ax, ncol: int = 5) -> None:
     h, lab = ax.get_legend_handles_labels()
     if h:
         ax.legend(h, lab, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=ncol,
@@ -980,11 +980,18 @@ def build_report(paths: Sequence[str], out_dir: str, *, k: float = 3.0,
     written: List[str] = []
     plot_of: Dict[str, str] = {}
     if plots:
+        stems: Dict[str, int] = {}
         for r in runs:
-            if r.n:
-                plot_of[r.label] = _plot_run(r, os.path.join(
-                    out_dir, f"{_safe(r.label)}_overview.png"), k, window)
-                written.append(plot_of[r.label])
+            if not r.n:
+                continue
+            # files are named after the log file (run.jsonl -> run_overview.png)
+            stem = _safe(os.path.basename(r.log.path).rsplit(".", 1)[0])
+            stems[stem] = stems.get(stem, 0) + 1
+            if stems[stem] > 1:
+                stem = f"{stem}_{stems[stem]}"
+            plot_of[r.label] = _plot_run(r, os.path.join(out_dir, f"{stem}_overview.png"),
+                                         k, window)
+            written.append(plot_of[r.label])
         nonempty = [r for r in runs if r.n]
         if len(nonempty) >= 2:
             if compare:
