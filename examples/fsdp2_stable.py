@@ -76,6 +76,7 @@ def main() -> None:
     if rank == 0:
         print("summary:", summary)
         print("done")
+    dist.barrier()
     dist.destroy_process_group()
 
 

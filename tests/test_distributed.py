@@ -41,6 +41,8 @@ def _entry(rank, fn_name, world, init, outdir, kwargs):
                             timeout=timedelta(seconds=60))
     try:
         out = globals()[fn_name](rank, world, **kwargs)
+        if dist.is_initialized():
+            dist.barrier()  # no gloo work in flight at teardown (it can abort the process)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
