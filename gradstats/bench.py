@@ -2,7 +2,9 @@
 
 For each gradient set (shapes of real models, DESIGN.md §6) and each operation, the torch
 way and the gradstats way run on the same gradient tensors in one process; the table gives
-the median time, the gradient bytes divided by that time (GB/s: how fast the operation
+the best time of alternating calls (torch and gradstats take turns, so
+load from other processes hits both alike; the median is in the JSON), the gradient bytes
+divided by that time (GB/s: how fast the operation
 gets through the gradients; one read of them is the floor) and the ratio to torch
 (< 1: gradstats is faster). Operations:
 
@@ -172,22 +174,26 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_fn(fn: Callable[[], Any], device: str, reps: int, warmup: int = 1,
-            budget_s: float = 2.0) -> float:
-    """Median seconds per call (at most ``budget_s`` of measuring, at least 3 calls)."""
-    for _ in range(warmup):
-        fn()
+def time_pair(fns: Sequence[Callable[[], Any]], device: str, reps: int, warmup: int = 1,
+              budget_s: float = 2.0) -> List[Tuple[float, float]]:
+    """(min, median) seconds per call of each function, timed in alternation (so that load
+    from other processes hits all of them alike); at most ``budget_s`` of measuring, at
+    least 3 rounds. The minimum is the least disturbed estimate and the one reported."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    times: List[float] = []
+    times: List[List[float]] = [[] for _ in fns]
     t_start = time.perf_counter()
     for i in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+        for j, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[j].append(time.perf_counter() - t0)
         if i >= 2 and time.perf_counter() - t_start > budget_s:
             break
-    return statistics.median(times)
+    return [(min(t), statistics.median(t)) for t in times]
 
 
 class _Bar:
@@ -238,18 +244,21 @@ def run(device: Optional[str] = None, quick: bool = False, reps: Optional[int] =
         nbytes = sum(p.grad.numel() * p.grad.element_size() for ps in groups for p in ps)
         ntensors = sum(len(ps) for ps in groups)
         label = name + ("" if scale >= 1 else f" (x{scale:g})")
-        base: Dict[str, float] = {}
-        for op, method, fn in operations(groups):
-            t = time_fn(fn, device, reps, budget_s=1.0 if quick else 3.0)
-            if method == "torch":
-                base[op] = t
-            rows.append({
-                "set": label, "dtype": str(dtype).replace("torch.", ""), "tensors": ntensors,
-                "bytes": nbytes, "op": op, "method": method, "time_s": t,
-                "gb_s": nbytes / t / 1e9, "ratio_to_torch": t / base[op] if op in base else None,
-            })
-            if bar is not None:
-                bar.update(f"{label} {op} {method}")
+        ops = operations(groups)
+        for k in range(0, len(ops), 2):  # (torch, gradstats) of one operation
+            pair = ops[k:k + 2]
+            res = time_pair([fn for _, _, fn in pair], device, reps,
+                            budget_s=2.0 if quick else 6.0)
+            t_torch = res[0][0]
+            for (op, method, _), (t, med) in zip(pair, res):
+                rows.append({
+                    "set": label, "dtype": str(dtype).replace("torch.", ""),
+                    "tensors": ntensors, "bytes": nbytes, "op": op, "method": method,
+                    "time_s": t, "median_s": med, "gb_s": nbytes / t / 1e9,
+                    "ratio_to_torch": t / t_torch,
+                })
+                if bar is not None:
+                    bar.update(f"{label} {op} {method}")
         del groups
     if bar is not None:
         bar.close()
@@ -280,12 +289,14 @@ def markdown(result: Dict[str, Any]) -> str:
          "| set | dtype | tensors | MB | operation | method | time | GB/s | ratio to torch |",
          "|---|---|---:|---:|---|---|---:|---:|---:|"]
     for r in result["rows"]:
-        ratio = "" if r["ratio_to_torch"] is None else f"{r['ratio_to_torch']:.3g}"
+        x = r["ratio_to_torch"]
+        ratio = "" if x is None else (f"{x:.2f}" if x >= 0.1 else f"{x:.3f}")
         L.append(f"| {r['set']} | {r['dtype']} | {r['tensors']} | {r['bytes'] / 1e6:.0f} | "
                  f"{r['op']} | {r['method']} | {_fmt_time(r['time_s'])} | {r['gb_s']:.1f} | "
                  f"{ratio} |")
-    L += ["", "GB/s: gradient bytes / time (one read of the gradients is the floor). Ratio "
-          "< 1: gradstats is faster than torch on the same tensors."]
+    L += ["", "time: best of alternating calls. GB/s: gradient bytes / time (one read of the "
+          "gradients is the floor). Ratio < 1: gradstats is faster than torch on the same "
+          "tensors."]
     return "\n".join(L)
 
 

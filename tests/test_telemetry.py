@@ -68,7 +68,6 @@ def test_stable_optimizer_log_round_trip(tmp_path, suffix):
         torch.optim.Adam(_groups(m), lr=1e-2), max_norm=0.5,
         param_names=m.named_parameters(), log=path)
     assert isinstance(opt.log, StatsLogger) and opt.per_tensor
-    opt.log.flush_every  # default
     truth = []
     _train(opt, m, 70, nan_at=23, nan_param=m[2].weight,
            on_step=lambda s: truth.append((opt.last_stats.to_dict(),
@@ -179,7 +178,6 @@ def test_cuda_record_has_no_sync(tmp_path):
     opt = gradstats.StableOptimizer(torch.optim.AdamW(_groups(m), lr=1e-2, fused=True),
                                     max_norm=1.0, param_names=m.named_parameters(),
                                     log=str(tmp_path / "c.jsonl"))
-    opt.log.flush_every  # noqa
     x = torch.randn(16, 6, device="cuda")
     for _ in range(3):  # warm-up (first steps decide on the host)
         m(x).pow(2).mean().backward()
