@@ -71,7 +71,7 @@ def _extensions():
 
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
     unix = os.name == "posix"
-    sources = ["csrc/ops.cpp", "csrc/cpu/kernel_default.cpp"]  # default build links first
+    sources = ["csrc/ops.cpp", "csrc/fingerprint.cpp", "csrc/cpu/kernel_default.cpp"]  # default build links first
     macros = []
     if x86 and unix:
         sources += ["csrc/cpu/kernel_avx2.cpp", "csrc/cpu/kernel_avx512.cpp"]

@@ -447,6 +447,12 @@ PyObject* py_cuda_built(PyObject*, PyObject*) {
 #endif
 }
 
+}  // namespace
+namespace gradstats {
+PyObject* py_fingerprint(PyObject* self, PyObject* arg);  // fingerprint.cpp
+}  // namespace gradstats
+namespace {
+
 PyObject* py_chunk_elems(PyObject*, PyObject*) { return PyLong_FromLongLong(gradstats::kChunk); }
 
 PyMethodDef kMethods[] = {
@@ -458,6 +464,8 @@ PyMethodDef kMethods[] = {
      "Use another CPU kernel build (for tests); returns the previous one's name."},
     {"cuda_built", py_cuda_built, METH_NOARGS, "True when the CUDA kernels were compiled in."},
     {"chunk_elems", py_chunk_elems, METH_NOARGS, "Elements per chunk of the kernels."},
+    {"fingerprint", gradstats::py_fingerprint, METH_O,
+     "(bytes, same_device) describing a list of tensors for host-side caches, or None."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",

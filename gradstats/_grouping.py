@@ -146,6 +146,21 @@ _VALIDATED: "OrderedDict[Key, None]" = OrderedDict()
 _GET_DEVICE = Tensor.get_device
 
 
+_FINGERPRINT: Any = False  # False: not looked up yet; None: unavailable
+
+
+def _native_fingerprint():
+    """``gradstats._C.fingerprint`` when the extension is built (C++: ~20 ns per tensor)."""
+    global _FINGERPRINT
+    if _FINGERPRINT is False:
+        try:
+            from ._C import fingerprint as fp
+        except Exception:
+            fp = None
+        _FINGERPRINT = fp
+    return _FINGERPRINT
+
+
 def _describe(flat: List[Tensor], sizes: tuple) -> tuple:
     """(devices, key tuple) of the flat tensor list: a few C-level passes, no Python loop."""
     devs = tuple(map(_GET_DEVICE, flat))
@@ -180,12 +195,18 @@ def slices(groups: List[List[Tensor]], what: str = "gradients"
         groups = local_groups(groups, what)
         flat = groups[0] if G == 1 else [g for grads in groups for g in grads]
     sizes = tuple(map(len, groups))
-    try:
-        devs, t = _describe(flat, sizes)
-    except Exception:
-        check_groups(groups, what)  # raises the precise error (e.g. sparse tensors)
-        raise
-    key = Key(t)
+    fp = _native_fingerprint()
+    fast = fp(flat if type(flat) is list else list(flat)) if fp is not None else None
+    if fast is not None and fast[1]:  # one device: the packed bytes are the whole key
+        devs = None
+        key = Key((sizes, fast[0]))
+    else:
+        try:
+            devs, t = _describe(flat, sizes)
+        except Exception:
+            check_groups(groups, what)  # raises the precise error (e.g. sparse tensors)
+            raise
+        key = Key(t)
     if key in _VALIDATED:
         _VALIDATED.move_to_end(key)
     else:
@@ -193,8 +214,7 @@ def slices(groups: List[List[Tensor]], what: str = "gradients"
         _VALIDATED[key] = None
         if len(_VALIDATED) > 64:
             _VALIDATED.popitem(last=False)
-    d0 = devs[0]
-    if devs.count(d0) == len(devs):
+    if devs is None or devs.count(devs[0]) == len(devs):
         return [DeviceSlice(flat[0].device, flat, None, G, None, key, sizes)], flat
     group_of = [gi for gi, n in enumerate(sizes) for _ in range(n)]
     out = []
