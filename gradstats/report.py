@@ -14,8 +14,8 @@ unstable training and writes ``report.md`` plus PNG plots into ``DIR``:
 Signals diagnosed, each with evidence (step numbers, groups, tensor names): the first
 non-finite step and where it came from; gradient-norm and loss spikes; clipping active in
 more than half of the steps; gradient-norm variance rising before divergence; norms
-collapsing toward zero; large variation across seeds. A log without any of these is
-reported clean.
+collapsing toward zero; a loss that never improved; large variation across seeds. A log
+without any of these is reported clean.
 
 Python use: ``build_report(paths, out_dir)`` returns a :class:`Report` (findings per run,
 files written); ``analyze(read_log(path))`` returns the :class:`Finding` list of one log.
@@ -87,8 +87,8 @@ class Finding:
 
     Attributes:
         kind: ``"nonfinite"``, ``"grad_spike"``, ``"loss_spike"``, ``"clip_rate"``,
-            ``"variance_rising"``, ``"vanishing"``, ``"seed_spread"``, ``"log_problem"``,
-            ``"clean"`` or ``"info"``.
+            ``"variance_rising"``, ``"vanishing"``, ``"stagnation"``, ``"divergence"``,
+            ``"seed_spread"``, ``"log_problem"``, ``"clean"`` or ``"info"``.
         severity: ``"problem"``, ``"warning"`` or ``"info"``.
         run: the run label (``"all runs"`` for across-run findings).
         title: one line.
@@ -570,6 +570,40 @@ def _find_vanishing(run: Run, div: Optional[int]) -> List[Finding]:
     return out
 
 
+def _find_stagnation(run: Run, div: Optional[int]) -> List[Finding]:
+    """The loss never got meaningfully below where it started."""
+    if not run.has_loss:
+        return []
+    end = run.n if div is None else div
+    lo = run.loss[:end]
+    ok = np.isfinite(lo) & ~run.skipped[:end]
+    if ok.sum() < 50:
+        return []
+    vals = lo[ok]
+    steps = run.steps[:end][ok]
+    k = max(5, len(vals) // 10)
+    first, last = float(np.min(vals[:5])), float(np.median(vals[-k:]))
+    best = float(np.min(vals))
+    if not (first > 0 and last >= 0.9 * first and best >= 0.8 * first):
+        return []
+    norm_txt = ""
+    tot = run.total[:end][ok]
+    tot = tot[np.isfinite(tot)]
+    if len(tot) >= 10:
+        a, b = float(np.median(tot[:len(tot) // 5 or 1])), float(np.median(tot[-k:]))
+        norm_txt = (f" Meanwhile the gradient norm went from a median of {_fmt(a)} to "
+                    f"{_fmt(b)}.")
+    return [Finding(
+        "stagnation", "warning", run.label, "The loss barely improved",
+        f"The loss started at {_fmt(first)} (lowest of the first 5 steps) and ended at "
+        f"{_fmt(last)} (median of the last {k}, step {int(steps[-k])} on), "
+        f"{100 * (1 - last / first):.0f}% lower; it was never more than 20% below its "
+        f"start.{norm_txt} Training is stuck: a learning rate so high "
+        f"that the model collapsed to a trivial solution (e.g. predicting the average), so "
+        f"low that nothing moves, vanishing gradients, or a bug in the data or loss.",
+        steps=[int(steps[0]), int(steps[-1])])]
+
+
 def analyze(log: LogData, *, window: int = SPIKE_WINDOW) -> List[Finding]:
     """The findings of one log (a ``"clean"`` finding when there are none)."""
     run = load_run(log)
@@ -590,6 +624,7 @@ def _analyze_run(run: Run, window: int) -> List[Finding]:
     out += _find_clip_rate(run, window)
     out += _find_variance(run, div, how)
     out += _find_vanishing(run, div)
+    out += _find_stagnation(run, div)
     if div is not None and not any(f.kind == "nonfinite" and f.severity == "problem"
                                    for f in out) and how.startswith("the loss"):
         out.append(Finding("divergence", "problem", run.label,
@@ -1060,7 +1095,9 @@ def _markdown(title: str, runs: List[Run], findings: Dict[str, List[Finding]],
           f"Rising variance compares the robust spread of the step-to-step change in log "
           f"gradient norm over {VAR_WINDOW} steps with its early value "
           f"({VAR_RISE:g}x before a divergence, {VAR_RISE_NO_DIV:g}x otherwise). A norm has "
-          f"collapsed when its late median is below {VANISH_FACTOR:g}x its early median." +
+          f"collapsed when its late median is below {VANISH_FACTOR:g}x its early median. The "
+          f"loss has stalled when it never got 20% below its start and ended less than 10% "
+          f"below it." +
           ("" if compare else f" Seeds vary too much when the final losses spread over "
                               f"more than {100 * SEED_SPREAD:.0f}% of their median."), ""]
     return "\n".join(L)

@@ -240,3 +240,15 @@ def test_csv_log_reports_the_same(tmp_path):
     fs = report.analyze(read_log(log))
     nf = [f for f in fs if f.kind == "nonfinite"][0]
     assert nf.steps == [25] and nf.tensors == ["2.bias"]
+
+
+def test_stagnating_loss_is_flagged(tmp_path):
+    rng = np.random.default_rng(4)
+    n = 200
+    losses = np.log(32) + 0.02 * rng.standard_normal(n)
+    losses[:3] += [0.2, 0.6, 0.9]  # a bump at the start does not hide it
+    path = write_log(tmp_path / "flat.jsonl", 0.2 * np.exp(0.1 * rng.standard_normal(n)),
+                     losses)
+    fs = report.analyze(read_log(path))
+    st = [f for f in fs if f.kind == "stagnation"]
+    assert st and st[0].steps == [1, n] and "barely improved" in st[0].title
