@@ -179,19 +179,14 @@ def test_bad_inputs():
 def test_cache_key_tells_aliased_views_apart(backend):
     """Same address and element count, other dtype or layout: a new plan, right answers."""
     from gradstats import _grouping
-    base = torch.randn(256, generator=torch.Generator().manual_seed(14))
-    views = [base[:128], base[::2], base.view(torch.bfloat16)[:128],
-             base.view(torch.float16)[:128].nan_to_num(0.0, 0.0, 0.0)]
-    views[3] = base.view(torch.float16)[:128]  # alias again (nan_to_num made a copy)
+    # fp16 storage whose bits also read as sane bf16/fp32 values (|x| in ~[2^-7, 4])
+    base = torch.randn(512, generator=torch.Generator().manual_seed(14)).half()
+    views = [base[:256], base[::2], base.view(torch.bfloat16)[:256],
+             base.view(torch.float32)[:256]]
+    assert len({v.data_ptr() for v in views}) == 1 and {v.numel() for v in views} == {256}
     keys = [_grouping.slices([[v]])[0][0].key for v in views]
     assert len(set(keys)) == len(keys)
     for v in views:
-        finite = torch.isfinite(v).all()
-        st = gradstats.get_total_norm([v]) if finite else None
-        if st is not None:
-            ref = ref_grad_stats([[v]])
-            assert rel_err(st, ref.total_norm) <= 1e-5
-        ps = torch.nn.Parameter(torch.zeros(v.shape, dtype=v.dtype))
-        ps.grad = v
-        full = gradstats.grad_stats([ps], backend=backend)
-        _check(full, ref_grad_stats([[v]]))
+        p = torch.nn.Parameter(torch.zeros(v.shape, dtype=v.dtype))
+        p.grad = v
+        _check(gradstats.grad_stats([p], backend=backend), ref_grad_stats([[v]]))
