@@ -29,6 +29,15 @@ def _no_env_backend(monkeypatch):
     monkeypatch.delenv("GRADSTATS_BACKEND", raising=False)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread is fastest, and steady when the CPU is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_grads(shapes, dtype=torch.float32, seed=0, scale=1.0, noncontig=False):
     """Random gradient tensors of the given shapes (never all zeros)."""
     g = torch.Generator().manual_seed(seed)

@@ -12,13 +12,7 @@ from gradstats import report
 from gradstats.telemetry import FORMAT_NAME, FORMAT_VERSION, JSONLWriter, read_log
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and steady when the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(seed):

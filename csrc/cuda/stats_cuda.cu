@@ -42,6 +42,7 @@
 #include <torch/library.h>
 
 #include "../gradstats_common.h"
+#include "../host_common.h"
 
 namespace gradstats {
 namespace cuda {
@@ -461,33 +462,10 @@ scale_kernel(const TensorMeta* __restrict__ tmeta, const int64_t* __restrict__ c
 
 // ----------------------------------------------------------------------------- host
 
-int32_t dtype_code(at::ScalarType st) {
-  switch (st) {
-    case at::kFloat: return kF32;
-    case at::kBFloat16: return kBF16;
-    case at::kHalf: return kF16;
-    default: return -1;
-  }
-}
-
-int32_t norm_mode(double p) {
-  TORCH_CHECK(p > 0, "gradstats.stats: norm_type must be > 0 or inf, got ", p);
-  if (std::isinf(p)) return kModeInf;
-  if (p == 2.0) return kModeL2;
-  if (p == 1.0) return kModeL1;
-  return kModeP;
-}
-
-int64_t check_bounds(c10::IntArrayRef bounds, int64_t T, const char* op) {
-  TORCH_CHECK(!bounds.empty() && bounds[0] == 0 && bounds.back() == T, op,
-              ": group_bounds must start at 0 and end at len(tensors)=", T);
-  for (size_t g = 1; g < bounds.size(); ++g) {
-    TORCH_CHECK(bounds[g] >= bounds[g - 1], op, ": group_bounds must be non-decreasing");
-  }
-  return static_cast<int64_t>(bounds.size()) - 1;
-}
-
-bool flat_ok(const Tensor& t) { return t.is_contiguous() || t.is_non_overlapping_and_dense(); }
+using host::check_bounds;
+using host::dtype_code;
+using host::flat_ok;
+using host::norm_mode;
 
 int sm_count(int device) {
   static int counts[64] = {0};
