@@ -28,258 +28,34 @@ the *next* flush (by then the copy has long finished, so the event wait is free)
 never touch the device. :attr:`StatsLogger.counters` counts records, device->host copies
 and write-outs (the tests check there is no copy per step).
 
-Log format (version 1)
-======================
-JSON Lines (default; ``.jsonl``), one object per line, each with a ``"type"``:
-
-``header`` (first line; a new header may follow if the number of groups changes)
-    ``format`` (``"gradstats-log"``), ``version`` (1), ``gradstats_version``,
-    ``torch_version``, ``created`` (ISO time), ``norm_type``, ``groups`` (group names),
-    ``params`` (all parameter names in optimizer order), ``param_group`` (group index of
-    each parameter), ``flush_every``, ``device``, ``optimizer``, ``policy``, ``meta``
-    (free-form dict given by the user, e.g. ``{"run": "baseline", "seed": 0}``).
-``step`` (one per optimizer step)
-    ``step`` (int, number of ``step()`` calls so far, this one included), ``loss``,
-    ``total_norm``, ``skipped`` (bool), ``skip_reason`` (``null``, ``"nonfinite"``,
-    ``"spike"`` or ``"other"``), ``nonfinite`` (bool: some gradient or the loss was
-    NaN/Inf), ``loss_scale``; per group (lists of length G): ``lr``, ``norm``,
-    ``max_abs``, ``nonfinite_count``, ``clip_coef``, ``clipped`` (bools),
-    ``running_mean``, ``running_std``, ``zscore``; ``nonfinite_tensors`` (names of the
-    first tensors, in parameter order, whose gradient norm was NaN/Inf; at most
-    ``max_names``) and ``nonfinite_tensor_count``.
-    A value that was not measured is ``null``. Non-finite numbers are written as the
-    strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` (strict JSON);
-    :func:`read_log` turns them back into floats.
-``end`` (last line, written by ``close()``)
-    ``steps`` (records written), ``counters``. A log without it was not closed (the run
-    crashed or is still running).
-
-CSV (``.csv``): the header record as a comment line ``# {json}``, then a row of column
-names (``step, loss, total_norm, ..., norm.0, norm.1, ..., nonfinite_tensors``; names
-joined by ``;``), then one row per step. TensorBoard (a path starting with
-``tensorboard:``, needs the ``tensorboard`` package): scalars under ``loss``,
-``grad_norm/<group>``, ``clip_coef/<group>``, ``skipped``, ...
+Log format
+==========
+The records (header, one per step, end) and the file formats (JSON Lines, CSV,
+TensorBoard) are documented in :mod:`gradstats.logformat`. The writers are in
+:mod:`gradstats.logwriters` and the reader :func:`read_log` in :mod:`gradstats.logreader`;
+both are re-exported here, with the format constants.
 """
 from __future__ import annotations
 
 import atexit
-import csv
-import datetime
-import io
-import json
 import math
-import os
 import weakref
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from .logformat import _BOOLS, _INTS, _PER_GROUP, _SCALARS, end_record, header_record, step_record
+# the format, the writers and the reader are public here too
+from .logformat import FORMAT_NAME, FORMAT_VERSION  # noqa: F401
+from .logreader import LogData, read_log  # noqa: F401
+from .logwriters import CSVWriter, JSONLWriter, TensorBoardWriter, open_writer  # noqa: F401
+
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "StatsLogger", "attach", "read_log", "LogData",
            "JSONLWriter", "CSVWriter", "TensorBoardWriter", "open_writer"]
 
-FORMAT_NAME = "gradstats-log"
-FORMAT_VERSION = 1
 
 _F64 = torch.float64
-# scalar columns of a device row, in order, then per-group columns (G each)
-_SCALARS = ("step", "loss", "total_norm", "skipped", "skipped_nonfinite", "skipped_spike",
-            "nonfinite", "loss_scale", "nonfinite_tensor_count")
-_PER_GROUP = ("lr", "norm", "max_abs", "nonfinite_count", "clip_coef", "clipped",
-              "running_mean", "running_std", "zscore")
-_BOOLS = {"skipped", "skipped_nonfinite", "skipped_spike", "nonfinite", "clipped"}
-_INTS = {"step", "nonfinite_count", "nonfinite_tensor_count"}
-
-
-# ================================================================================ writers
-def _enc(v: Any) -> Any:
-    """JSON-ready value: non-finite floats become strings (strict JSON)."""
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "NaN"
-        if math.isinf(v):
-            return "Infinity" if v > 0 else "-Infinity"
-        return v
-    if isinstance(v, (list, tuple)):
-        return [_enc(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _enc(x) for k, x in v.items()}
-    return v
-
-
-_NONFINITE_STR = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf,
-                  "nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-
-
-def _dec(v: Any) -> Any:
-    if isinstance(v, str) and v in _NONFINITE_STR:
-        return _NONFINITE_STR[v]
-    if isinstance(v, list):
-        return [_dec(x) for x in v]
-    return v
-
-
-class JSONLWriter:
-    """Writes records as JSON Lines (the default log format).
-
-    Args:
-        path_or_file: a path (the parent folder is created) or an open text file.
-    """
-
-    def __init__(self, path_or_file: Union[str, os.PathLike, io.TextIOBase]) -> None:
-        if hasattr(path_or_file, "write"):
-            self._f, self._own = path_or_file, False
-            self.path = getattr(path_or_file, "name", None)
-        else:
-            self.path = os.fspath(path_or_file)
-            parent = os.path.dirname(os.path.abspath(self.path))
-            os.makedirs(parent, exist_ok=True)
-            self._f, self._own = open(self.path, "w", encoding="utf-8"), True
-
-    def write(self, record: Dict[str, Any]) -> None:
-        self._f.write(json.dumps(_enc(record), separators=(",", ":")) + "\n")
-
-    def flush(self) -> None:
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.flush()
-        if self._own:
-            self._f.close()
-
-
-class CSVWriter:
-    """Writes records as CSV: ``# {header json}``, a column row, one row per step."""
-
-    def __init__(self, path: Union[str, os.PathLike]) -> None:
-        self.path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self._f = open(self.path, "w", encoding="utf-8", newline="")
-        self._w = csv.writer(self._f)
-        self._cols: Optional[List[str]] = None
-        self._G = 0
-
-    @staticmethod
-    def columns(G: int) -> List[str]:
-        cols = ["step", "loss", "total_norm", "skipped", "skip_reason", "nonfinite",
-                "loss_scale", "nonfinite_tensor_count"]
-        for name in _PER_GROUP:
-            cols += [f"{name}.{g}" for g in range(G)]
-        return cols + ["nonfinite_tensors"]
-
-    def write(self, record: Dict[str, Any]) -> None:
-        kind = record.get("type")
-        if kind == "header":
-            self._f.write("# " + json.dumps(_enc(record), separators=(",", ":")) + "\n")
-            self._G = len(record.get("groups", []))
-            self._cols = self.columns(self._G)
-            self._w.writerow(self._cols)
-        elif kind == "end":
-            self._f.write("# " + json.dumps(_enc(record), separators=(",", ":")) + "\n")
-        elif kind == "step":
-            row: List[Any] = []
-            for c in self._cols or []:
-                if "." in c:
-                    name, g = c.rsplit(".", 1)
-                    vals = record.get(name)
-                    v = None if vals is None or int(g) >= len(vals) else vals[int(g)]
-                elif c == "nonfinite_tensors":
-                    v = ";".join(record.get(c) or [])
-                else:
-                    v = record.get(c)
-                row.append("" if v is None else (int(v) if isinstance(v, bool) else v))
-            self._w.writerow(row)
-
-    def flush(self) -> None:
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
-
-
-class TensorBoardWriter:
-    """Writes scalars to TensorBoard (needs the optional ``tensorboard`` package).
-
-    Raises:
-        ImportError: ``tensorboard`` is not installed (``pip install tensorboard``).
-    """
-
-    def __init__(self, logdir: Union[str, os.PathLike]) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except Exception as e:  # torch raises ImportError when tensorboard is missing
-            raise ImportError("the TensorBoard writer needs the tensorboard package "
-                              f"(pip install tensorboard): {e}") from None
-        self._tb = SummaryWriter(os.fspath(logdir))
-        self._groups: List[str] = []
-
-    def write(self, record: Dict[str, Any]) -> None:
-        kind = record.get("type")
-        if kind == "header":
-            self._groups = list(record.get("groups", []))
-            return
-        if kind != "step":
-            return
-        s = int(record["step"])
-        for k in ("loss", "total_norm", "loss_scale"):
-            if record.get(k) is not None:
-                self._tb.add_scalar(k, record[k], s)
-        self._tb.add_scalar("skipped", float(bool(record.get("skipped"))), s)
-        for name in ("norm", "max_abs", "clip_coef", "zscore", "lr", "nonfinite_count"):
-            for g, v in enumerate(record.get(name) or []):
-                if v is not None:
-                    gname = self._groups[g] if g < len(self._groups) else str(g)
-                    self._tb.add_scalar(f"{name}/{gname}", float(v), s)
-
-    def flush(self) -> None:
-        self._tb.flush()
-
-    def close(self) -> None:
-        self._tb.close()
-
-
-class _MultiWriter:
-    def __init__(self, writers: Sequence[Any]) -> None:
-        self.writers = list(writers)
-        self.path = next((getattr(w, "path", None) for w in self.writers
-                          if getattr(w, "path", None)), None)
-
-    def write(self, record: Dict[str, Any]) -> None:
-        for w in self.writers:
-            w.write(record)
-
-    def flush(self) -> None:
-        for w in self.writers:
-            getattr(w, "flush", lambda: None)()
-
-    def close(self) -> None:
-        for w in self.writers:
-            getattr(w, "close", lambda: None)()
-
-
-def open_writer(spec: Any) -> Any:
-    """A writer for ``spec``: a path (``.csv`` -> CSV, ``tensorboard:DIR`` -> TensorBoard,
-    anything else -> JSON Lines), an object with ``write(record)``, or a list of these.
-
-    Raises:
-        TypeError: ``spec`` is none of these.
-    """
-    if isinstance(spec, (list, tuple)):
-        return _MultiWriter([open_writer(s) for s in spec])
-    if hasattr(spec, "write") and not isinstance(spec, (str, bytes, os.PathLike)):
-        if isinstance(spec, io.TextIOBase):
-            return JSONLWriter(spec)
-        return spec
-    if isinstance(spec, (str, os.PathLike)):
-        s = os.fspath(spec)
-        if s.startswith("tensorboard:"):
-            return TensorBoardWriter(s[len("tensorboard:"):])
-        if s.lower().endswith(".csv"):
-            return CSVWriter(s)
-        return JSONLWriter(s)
-    raise TypeError(f"log must be a file path, a writer with write(record), a StatsLogger "
-                    f"or a list of these, got {type(spec).__name__}")
 
 
 # ================================================================================ logger
@@ -429,7 +205,6 @@ class StatsLogger:
         self._write_header(G, device)
 
     def _write_header(self, G: int, device: torch.device) -> None:
-        from . import __version__
         groups = self._group_list()
         names = list(self.group_names or [])
         for g in range(len(names), G):
@@ -447,19 +222,14 @@ class StatsLogger:
                 param_group.append(g)
         self._param_names = params
         opt = self._opt
-        header = {
-            "type": "header", "format": FORMAT_NAME, "version": FORMAT_VERSION,
-            "gradstats_version": __version__, "torch_version": torch.__version__,
-            "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "norm_type": self.norm_type, "groups": names[:G], "params": params,
-            "param_group": param_group, "flush_every": self.flush_every,
-            "device": str(device),
-            "optimizer": (type(opt.optimizer).__name__ if opt is not None
-                          and hasattr(opt, "optimizer") else None),
-            "policy": (repr(getattr(opt, "policy", None)) if opt is not None else None),
-            "spike": (repr(getattr(opt, "spike", None)) if opt is not None else None),
-            "meta": self.meta,
-        }
+        header = header_record(
+            norm_type=self.norm_type, groups=names[:G], params=params,
+            param_group=param_group, flush_every=self.flush_every, device=str(device),
+            optimizer=(type(opt.optimizer).__name__ if opt is not None
+                       and hasattr(opt, "optimizer") else None),
+            policy=(repr(getattr(opt, "policy", None)) if opt is not None else None),
+            spike=(repr(getattr(opt, "spike", None)) if opt is not None else None),
+            meta=self.meta)
         self._header = header
         self.writer.write(header)
 
@@ -692,36 +462,7 @@ class StatsLogger:
                 vals = [int(v) if math.isfinite(v) else None for v in vals]
             return vals[0] if name in _SCALARS else vals
 
-        rec: Dict[str, Any] = {"type": "step"}
-        rec["step"] = get("step")
-        rec["loss"] = get("loss")
-        rec["total_norm"] = get("total_norm")
-        skipped = get("skipped")
-        rec["skipped"] = bool(skipped) if skipped is not None else False
-        reason = None
-        if rec["skipped"]:
-            if get("skipped_nonfinite"):
-                reason = "nonfinite"
-            elif get("skipped_spike"):
-                reason = "spike"
-            else:
-                reason = "other"
-        rec["skip_reason"] = reason
-        rec["nonfinite"] = get("nonfinite")
-        rec["loss_scale"] = get("loss_scale")
-        for name in _PER_GROUP:
-            rec[name] = get(name)
-        idx = get("nonfinite_tensors")
-        if idx is None:
-            rec["nonfinite_tensors"] = None
-            rec["nonfinite_tensor_count"] = None
-        else:
-            names = self._param_names
-            rec["nonfinite_tensors"] = [names[int(i)] if 0 <= int(i) < len(names)
-                                        else f"tensor{int(i)}" for i in idx
-                                        if i == i and int(i) >= 0]
-            rec["nonfinite_tensor_count"] = get("nonfinite_tensor_count")
-        return rec
+        return step_record(get, self._param_names)
 
     def _write_all(self) -> None:
         self._flush_device()
@@ -742,8 +483,7 @@ class StatsLogger:
             return
         self.flush()
         if self._header is not None:
-            self.writer.write({"type": "end", "steps": self._steps_written,
-                               "counters": dict(self.counters)})
+            self.writer.write(end_record(self._steps_written, self.counters))
         c = getattr(self.writer, "close", None)
         if c is not None:
             c()
@@ -771,200 +511,3 @@ def attach(opt: Any, log: Any, **kwargs: Any) -> StatsLogger:
     """
     logger = log if isinstance(log, StatsLogger) else StatsLogger(log, **kwargs)
     return logger.bind(opt)
-
-
-# ================================================================================ reader
-@dataclass
-class LogData:
-    """A stats log read back by :func:`read_log`.
-
-    Attributes:
-        path: the file.
-        header: the (first) header record, or ``{}`` if none was found.
-        records: the step records in file order (values decoded: floats, bools, ``None``).
-        end: the end record, or ``None`` if the run did not close the log.
-        problems: one message per line that could not be used, naming the line number.
-    """
-
-    path: str
-    header: Dict[str, Any] = field(default_factory=dict)
-    records: List[Dict[str, Any]] = field(default_factory=list)
-    end: Optional[Dict[str, Any]] = None
-    problems: List[str] = field(default_factory=list)
-
-    @property
-    def groups(self) -> List[str]:
-        return list(self.header.get("groups") or [])
-
-    @property
-    def label(self) -> str:
-        meta = self.header.get("meta") or {}
-        if meta.get("run") is not None:
-            return str(meta["run"])
-        base = os.path.basename(self.path)
-        return base.rsplit(".", 1)[0] if "." in base else base
-
-
-def _check_step(rec: Dict[str, Any]) -> Optional[str]:
-    s = rec.get("step")
-    if not isinstance(s, int) or isinstance(s, bool):
-        return "step record without an integer 'step'"
-    for k in ("norm", "clip_coef", "max_abs"):
-        v = rec.get(k)
-        if v is not None and not isinstance(v, list):
-            return f"'{k}' is not a list"
-    return None
-
-
-def read_log(path: Union[str, os.PathLike]) -> LogData:
-    """Read a stats log (JSON Lines or CSV) written by :class:`StatsLogger`.
-
-    Corrupt or truncated lines do not stop the reading: each one is reported in
-    :attr:`LogData.problems` with its line number, and every other line is returned.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-    """
-    p = os.fspath(path)
-    with open(p, "r", encoding="utf-8", errors="replace", newline="") as f:
-        text = f.read()
-    first = text.lstrip()[:1]
-    if first == "#":
-        return _read_csv(p, text)
-    out = LogData(path=p)
-    lines = text.split("\n")
-    ends_clean = text.endswith("\n")
-    n_lines = len(lines) - (1 if ends_clean or text == "" else 0)
-    for i, line in enumerate(lines[:n_lines], start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            last = (i == n_lines and not ends_clean)
-            what = ("truncated: the file ends in the middle of this record (was the run "
-                    "killed while writing?)" if last else f"not valid JSON ({e.msg} at "
-                    f"column {e.colno})")
-            out.problems.append(f"{p}: line {i}: {what}; line skipped")
-            continue
-        if not isinstance(obj, dict):
-            out.problems.append(f"{p}: line {i}: expected a JSON object, got "
-                                f"{type(obj).__name__}; line skipped")
-            continue
-        kind = obj.get("type")
-        obj = {k: _dec(v) for k, v in obj.items()}
-        if kind == "header":
-            if obj.get("format") != FORMAT_NAME:
-                out.problems.append(f"{p}: line {i}: header of an unknown format "
-                                    f"{obj.get('format')!r}")
-            v = obj.get("version")
-            if isinstance(v, int) and v > FORMAT_VERSION:
-                out.problems.append(f"{p}: line {i}: log format version {v} is newer than "
-                                    f"this gradstats reads ({FORMAT_VERSION}); reading "
-                                    f"what it can")
-            if not out.header:
-                out.header = obj
-            else:
-                out.header = {**out.header, **{k: obj[k] for k in ("groups", "params",
-                                                                   "param_group")
-                                               if k in obj}}
-        elif kind == "step":
-            bad = _check_step(obj)
-            if bad:
-                out.problems.append(f"{p}: line {i}: {bad}; line skipped")
-                continue
-            out.records.append(obj)
-        elif kind == "end":
-            out.end = obj
-        else:
-            out.problems.append(f"{p}: line {i}: unknown record type {kind!r}; line skipped")
-    if not out.header:
-        out.problems.append(f"{p}: no header record found (line 1 should be the header); "
-                            f"group and parameter names are unknown")
-    return out
-
-
-def _num(s: str) -> Any:
-    if s == "":
-        return None
-    if s in ("True", "true"):
-        return True
-    if s in ("False", "false"):
-        return False
-    try:
-        return int(s)
-    except ValueError:
-        pass
-    try:
-        return float(s)
-    except ValueError:
-        return _NONFINITE_STR.get(s, s)
-
-
-def _read_csv(p: str, text: str) -> LogData:
-    out = LogData(path=p)
-    cols: Optional[List[str]] = None
-    lines = text.split("\n")
-    ends_clean = text.endswith("\n")
-    n_lines = len(lines) - (1 if ends_clean else 0)
-    for i, line in enumerate(lines[:n_lines], start=1):
-        line = line.rstrip("\r")
-        if not line.strip():
-            continue
-        if line.startswith("#"):
-            try:
-                obj = {k: _dec(v) for k, v in json.loads(line[1:]).items()}
-            except (json.JSONDecodeError, AttributeError) as e:
-                out.problems.append(f"{p}: line {i}: comment line is not a JSON record "
-                                    f"({e}); line skipped")
-                continue
-            if obj.get("type") == "header":
-                out.header = out.header or obj
-                cols = None
-            elif obj.get("type") == "end":
-                out.end = obj
-            continue
-        row = next(csv.reader([line]))
-        if cols is None:
-            cols = row
-            continue
-        if len(row) != len(cols):
-            last = (i == n_lines and not ends_clean)
-            what = ("truncated: the file ends in the middle of this row" if last else
-                    f"{len(row)} fields where the column row has {len(cols)}")
-            out.problems.append(f"{p}: line {i}: {what}; line skipped")
-            continue
-        rec: Dict[str, Any] = {"type": "step"}
-        per: Dict[str, Dict[int, Any]] = {}
-        try:
-            for c, v in zip(cols, row):
-                if "." in c and c.rsplit(".", 1)[1].isdigit():
-                    name, g = c.rsplit(".", 1)
-                    val = _num(v)
-                    if name in _BOOLS and val is not None:
-                        val = bool(val)
-                    per.setdefault(name, {})[int(g)] = val
-                elif c == "nonfinite_tensors":
-                    rec[c] = [s for s in v.split(";") if s] if v else []
-                elif c in ("skip_reason",):
-                    rec[c] = v or None
-                else:
-                    val = _num(v)
-                    if c in _BOOLS and val is not None:
-                        val = bool(val)
-                    rec[c] = val
-        except Exception as e:  # pragma: no cover - defensive
-            out.problems.append(f"{p}: line {i}: unreadable row ({e}); line skipped")
-            continue
-        for name, d in per.items():
-            vals = [d[g] for g in sorted(d)]
-            rec[name] = None if all(v is None for v in vals) else vals
-        bad = _check_step(rec)
-        if bad:
-            out.problems.append(f"{p}: line {i}: {bad}; line skipped")
-            continue
-        out.records.append(rec)
-    if not out.header:
-        out.problems.append(f"{p}: no header record found; group and parameter names are "
-                            f"unknown")
-    return out
