@@ -41,7 +41,15 @@ def info_lines() -> List[str]:
                  f"GRADSTATS_BACKEND={os.environ.get('GRADSTATS_BACKEND', '')!r}")
     lines.append("backends:")
     for name, why in _dispatch.backend_table():
-        lines.append(f"  {name:7s} {'available' if why is None else 'unavailable because ' + why}")
+        detail = ""
+        if why is None and name == "native":
+            from .backends import native
+            detail = f" ({native.describe()})"
+        elif why is None and name == "triton" and not torch.cuda.is_available():
+            detail = (" (no CUDA device: runs on CPU tensors only with TRITON_INTERPRET=1)"
+                      if os.environ.get("TRITON_INTERPRET") != "1" else " (interpreter)")
+        lines.append(f"  {name:7s} {'available' if why is None else 'unavailable because ' + why}"
+                     f"{detail}")
     lines.append("default choice: cuda -> triton, native, torch (first available); "
                  "cpu -> native, torch")
     return lines
