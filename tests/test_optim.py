@@ -576,15 +576,6 @@ def _train(make_model, lr, wrap=None, steps=200, faults=None, n=256, seed=0):
         return torch.nn.functional.mse_loss(m(X), y).item()
 
 
-@pytest.fixture
-def one_thread():
-    """The efficacy runs are many tiny ops: intra-op threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _relu_mlp():
     L = torch.nn.Linear
     return torch.nn.Sequential(L(8, 32), torch.nn.ReLU(), L(32, 32), torch.nn.ReLU(), L(32, 1))
