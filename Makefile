@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VPY) -m gradstats demo
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(VPY) -m pytest -q tests
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q --timeout=900 tests
 
 bench: $(STAMP)
 	$(VPY) -m gradstats bench --quick
