@@ -423,6 +423,7 @@ PyObject* py_cuda_built(PyObject*, PyObject*) {
 }  // namespace
 namespace gradstats {
 PyObject* py_fingerprint(PyObject* self, PyObject* arg);  // fingerprint.cpp
+PyObject* py_grads_of(PyObject* self, PyObject* arg);     // fingerprint.cpp
 }  // namespace gradstats
 namespace {
 
@@ -439,6 +440,8 @@ PyMethodDef kMethods[] = {
     {"chunk_elems", py_chunk_elems, METH_NOARGS, "Elements per chunk of the kernels."},
     {"fingerprint", gradstats::py_fingerprint, METH_O,
      "(bytes, same_device) describing a list of tensors for host-side caches, or None."},
+    {"grads_of", gradstats::py_grads_of, METH_O,
+     "The non-None .grad of a list of plain tensors/Parameters, or None for other types."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
 from .backends.base import Backend, DeviceSlice
@@ -76,13 +77,38 @@ def _default_order(device_type: str) -> Tuple[str, ...]:
     return ("torch",)
 
 
+_SELECTED: "OrderedDict[tuple, Backend]" = OrderedDict()
+
+
 def select(dslice: DeviceSlice, norm_type: float, backend: Optional[str]) -> Backend:
     """The backend that will handle ``dslice``.
+
+    The choice is cached per gradient set (``dslice.key``), norm type and request: the
+    backends' checks look at every tensor, which is host time on every call otherwise.
 
     Raises:
         BackendUnavailableError: the requested backend cannot run this slice.
     """
     forced = requested_backend(backend)
+    ck = None if dslice.key is None else (dslice.key, norm_type, forced)
+    if ck is not None:
+        hit = _SELECTED.get(ck)
+        if hit is not None:
+            return hit
+    chosen = _select(dslice, norm_type, forced)
+    if ck is not None:
+        _SELECTED[ck] = chosen
+        if len(_SELECTED) > 64:
+            _SELECTED.popitem(last=False)
+    return chosen
+
+
+def clear_selection_cache() -> None:
+    """Forget cached backend choices (after changing what is installed or loaded)."""
+    _SELECTED.clear()
+
+
+def _select(dslice: DeviceSlice, norm_type: float, forced: Optional[str]) -> Backend:
     if forced is not None:
         reasons = reasons_for(forced, dslice, norm_type)
         if reasons:

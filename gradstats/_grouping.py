@@ -82,15 +82,15 @@ def groups_of_params(params_or_groups: Any) -> List[List[Tensor]]:
     return [_grads_of(items, "params_or_groups")]
 
 
-def _grads_of(params: Sequence[Any], what: str) -> List[Tensor]:
-    grads = []
-    for p in params:
-        if not isinstance(p, Tensor):
-            raise TypeError(f"{what} must contain tensors or parameters, got {type(p).__name__}")
-        g = p.grad
-        if g is not None:
-            grads.append(g)
-    return grads
+def _grads_of(params: List[Any], what: str) -> List[Tensor]:
+    try:
+        return grads_of(params)
+    except AttributeError:  # an element without .grad: name it
+        for p in params:
+            if not isinstance(p, Tensor):
+                raise TypeError(f"{what} must contain tensors or parameters, "
+                                f"got {type(p).__name__}") from None
+        raise
 
 
 def groups_of_tensors(tensors_or_groups: Any, what: str = "tensors") -> List[List[Tensor]]:
@@ -146,19 +146,40 @@ _VALIDATED: "OrderedDict[Key, None]" = OrderedDict()
 _GET_DEVICE = Tensor.get_device
 
 
-_FINGERPRINT: Any = False  # False: not looked up yet; None: unavailable
+_NATIVE: dict = {}
+
+
+def _native(name: str):
+    """``gradstats._C.<name>`` when the extension is built, else ``None`` (looked up once)."""
+    if name not in _NATIVE:
+        try:
+            from . import _C
+            _NATIVE[name] = getattr(_C, name)
+        except Exception:
+            _NATIVE[name] = None
+    return _NATIVE[name]
 
 
 def _native_fingerprint():
-    """``gradstats._C.fingerprint`` when the extension is built (C++: ~20 ns per tensor)."""
-    global _FINGERPRINT
-    if _FINGERPRINT is False:
-        try:
-            from ._C import fingerprint as fp
-        except Exception:
-            fp = None
-        _FINGERPRINT = fp
-    return _FINGERPRINT
+    """``gradstats._C.fingerprint`` (C++: ~20 ns per tensor) or ``None``."""
+    return _native("fingerprint")
+
+
+_GRAD = attrgetter("grad")
+
+
+def grads_of(params: List[Any]) -> List[Tensor]:
+    """The non-``None`` ``.grad`` of ``params`` (a list), in order.
+
+    Read in C++ when the extension is built and every element is a plain tensor or
+    ``nn.Parameter`` (~15 ns each instead of ~70 ns); otherwise in Python.
+    """
+    fn = _native("grads_of")
+    if fn is not None:
+        out = fn(params)
+        if out is not None:
+            return out
+    return [g for g in map(_GRAD, params) if g is not None]
 
 
 def _describe(flat: List[Tensor], sizes: tuple) -> tuple:

@@ -9,7 +9,6 @@ gradients and no host synchronisation.
 from __future__ import annotations
 
 import math
-from operator import attrgetter
 import types
 import warnings
 from typing import Iterable, List, Optional, Union
@@ -20,7 +19,6 @@ from torch import Tensor
 from . import _dispatch, _grouping
 from .stats import compute_groups
 
-_GRAD = attrgetter("grad")
 _TensorOrTensors = Union[Tensor, Iterable[Tensor]]
 
 _NONFINITE_MSG = (
@@ -139,7 +137,7 @@ def clip_grads_with_norm_(parameters: _TensorOrTensors, max_norm: float, total_n
     """
     m = _check_max_norm(max_norm)
     params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
-    grads = [g for g in map(_GRAD, params) if g is not None]
+    grads = _grouping.grads_of(params)
     if not grads:
         return
     if type(total_norm) is not Tensor and _grouping.is_dtensor(total_norm):
@@ -193,7 +191,7 @@ def clip_grad_norm_(parameters: _TensorOrTensors, max_norm: float, norm_type: fl
     p = _kernel_norm_type(norm_type)
     if p is None:  # torch's exact semantics for p <= 0 / -inf
         return torch.nn.utils.clip_grad_norm_(params, m, norm_type, error_if_nonfinite, foreach)
-    grads = [g for g in map(_GRAD, params) if g is not None]
+    grads = _grouping.grads_of(params)
     if not grads:
         return torch.tensor(0.0)
     st, coef, slices = compute_groups([grads], p, full=False, max_norm=m)

@@ -174,6 +174,8 @@ def test_env_backend_forced_unavailable(monkeypatch):
     from gradstats import _dispatch
     monkeypatch.setattr(_dispatch, "unavailable_reason",
                         lambda name: "simulated: not built" if name == "native" else None)
+    _dispatch.clear_selection_cache()  # choices are cached per gradient set
+    monkeypatch.setattr(_dispatch, "_SELECTED", type(_dispatch._SELECTED)())
     monkeypatch.setenv("GRADSTATS_BACKEND", "native")
     with pytest.raises(gradstats.BackendUnavailableError,
                        match="'native' is unavailable because: simulated: not built"):

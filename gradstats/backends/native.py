@@ -168,5 +168,7 @@ class NativeBackend(Backend):
     def scale_(self, dslice: DeviceSlice, coef: Tensor) -> None:
         if coef.device != dslice.device or coef.dtype != torch.float32:
             coef = coef.to(device=dslice.device, dtype=torch.float32)
+        if dslice.device.type == "cpu" and bool((coef >= 1.0).all()):
+            return  # reading a CPU value is no device sync: skip the op call entirely
         torch.ops.gradstats.scale_(dslice.tensors, _bounds(dslice), coef)
 
