@@ -41,13 +41,20 @@ def _entry(rank, fn_name, world, init, outdir, kwargs):
                             timeout=timedelta(seconds=60))
     try:
         out = globals()[fn_name](rank, world, **kwargs)
-        if dist.is_initialized():
-            dist.barrier()  # no gloo work in flight at teardown (it can abort the process)
-    finally:
+    except BaseException:
         if dist.is_initialized():
             dist.destroy_process_group()
+        raise  # the spawn harness reports it
     with open(os.path.join(outdir, f"{rank}.json"), "w") as f:
         json.dump(out or {}, f)
+    if dist.is_initialized():
+        dist.barrier()  # every rank has written its results
+    # Skip C++ teardown: torch's gloo/FSDP threads occasionally abort the process at exit
+    # ("terminate called without an active exception", ~1 run in 10 on 2 shared cores),
+    # after all results are on disk. The results, not the teardown, are under test.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn, world, timeout=150.0, **kwargs):
