@@ -65,6 +65,8 @@ the end of every step (the telemetry module's hook).
 """
 from __future__ import annotations
 
+import math
+
 import inspect
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -588,7 +590,7 @@ class StableOptimizer(Optimizer):
         # ---- skip decision (device) --------------------------------------------------
         # The total norm is NaN/Inf exactly when some gradient element is (the
         # statistics' propagation rule) or the sum overflows: one test covers all.
-        finite = torch.isfinite(st.total_norm)
+        finite = st.total_norm < math.inf  # a norm is >= 0 or NaN: one kernel, not isfinite's 4
         if loss_t is not None:
             finite = finite & torch.isfinite(loss_t)
         amp_bad = None
@@ -694,7 +696,7 @@ class StableOptimizer(Optimizer):
         """
         R = self._running
         mean, var, n = R[0], R[1], R[2]
-        valid = taken & torch.isfinite(norm)
+        valid = taken & (norm < math.inf)  # norms are >= 0 or NaN
         if 0 in n_grads:
             key = ("has_grads", n_grads)
             m = self._consts.get(key)
