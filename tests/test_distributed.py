@@ -593,6 +593,12 @@ def test_example_fsdp2_stable_runs():
                            cwd=ROOT)
     except subprocess.TimeoutExpired:
         pytest.fail("examples/fsdp2_stable.py did not finish in 180 s")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "done" in r.stdout
+    out = r.stdout + r.stderr
+    finished = all(f"rank {k}: finished" in out for k in range(2))
+    # torch 2.13's CPU gloo/FSDP teardown aborts a process at interpreter exit now and then
+    # ("terminate called without an active exception"; 8 of 30 runs of a torch-only FSDP2
+    # script, no gradstats involved). Accepted only after every rank has finished.
+    upstream_teardown_abort = finished and "terminate called without an active exception" in out
+    assert r.returncode == 0 or upstream_teardown_abort, r.stdout[-3000:] + r.stderr[-3000:]
+    assert finished and "done" in r.stdout
     assert "skipped True" in r.stdout  # the NaN step (rank 1 only) was skipped
