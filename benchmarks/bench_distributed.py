@@ -107,7 +107,7 @@ def worker(args) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = dist.get_world_size()
     torch.set_num_threads(args.threads)
     mesh = init_device_mesh("cpu", (world,))
     model = build_model(args.dim, args.layers)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from operator import attrgetter
 from collections import OrderedDict
-from typing import Any, List, Sequence, Tuple
+from typing import Any, List, Tuple
 
 import torch
 from torch import Tensor

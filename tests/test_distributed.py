@@ -562,16 +562,6 @@ def test_four_ranks_2d_mesh_hsdp_pipeline():
     assert any("Replicate(), Shard(dim=0)" in s for s in out[0]["hsdp_placements"])
 
 
-def _has_stable_optimizer():
-    try:
-        from gradstats import StableOptimizer  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.timeout(240)
-@pytest.mark.skipif(not _has_stable_optimizer(), reason="StableOptimizer not available")
 @pytest.mark.parametrize("fused", [False, True], ids=["host", "folded"])
 def test_stable_optimizer_fsdp2(fused):
     out = spawn(job_stable, 2, timeout=220, fused=fused)
