@@ -10,7 +10,7 @@
 Sections (each wrapped: a failure is recorded and the next section runs):
 
 1. ``correctness``: every available backend (triton, native, torch) against
-   ``gradstats.reference`` on fresh random data -- fp32/bf16/fp16, irregular and
+   ``gradstats.core.reference`` on fresh random data -- fp32/bf16/fp16, irregular and
    zero-size shapes, non-contiguous views, NaN/Inf injection, many tensors, mixed dtypes,
    per-group and per-tensor results, norm types 2/1/inf/3, bit-identical repeats, and
    ``get_total_norm``/``clip_grad_norm_`` against ``torch.nn.utils``.
@@ -90,8 +90,8 @@ import baselines as B  # noqa: E402
 import shapes as S  # noqa: E402
 
 import gradstats  # noqa: E402
-from gradstats import _dispatch  # noqa: E402
-from gradstats import reference as R  # noqa: E402
+from gradstats.backends import registry as _dispatch  # noqa: E402
+from gradstats.core import reference as R  # noqa: E402
 
 DEV = torch.device("cuda" if CUDA else "cpu")
 QUICK = ARGS.quick
@@ -223,7 +223,7 @@ def backends_here() -> List[str]:
 
 def can_run(backend: str, groups: List[List[torch.Tensor]], p: float) -> Optional[str]:
     """None if ``backend`` handles these gradients, else its reasons."""
-    from gradstats import _grouping
+    from gradstats.core import grouping as _grouping
     slices, _ = _grouping.slices(groups)
     reasons = []
     for s in slices:
@@ -565,7 +565,7 @@ def run_correctness(rec) -> None:
     log(table)
     for c in fails[:25]:
         log(f"  FAIL {c['backend']} {c['kind']} {c['dtype']} p={c['p']}: {c.get('bad')}")
-    MD.append(f"### Correctness vs gradstats.reference (seed {SEED}; passed/checked)\n\n" + table)
+    MD.append(f"### Correctness vs gradstats.core.reference (seed {SEED}; passed/checked)\n\n" + table)
     if fails:
         rec["status"] = "failed"
         rec["error"] = f"{len(fails)} correctness checks failed"

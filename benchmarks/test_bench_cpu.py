@@ -6,7 +6,7 @@ Compare a run:      pytest benchmarks/test_bench_cpu.py --benchmark-json=cpu.jso
 
 Sets (fp32): GPT-2 124M shapes (148 tensors) and 2000 small tensors, each tensor's element
 count multiplied by ``GRADSTATS_BENCH_SCALE`` (default 1/16; tensor counts unchanged).
-Every benchmark first checks its result against ``gradstats.reference`` (float64).
+Every benchmark first checks its result against ``gradstats.core.reference`` (float64).
 On a shared machine set ``OMP_NUM_THREADS=1``: with two OpenMP threads and the other core
 busy, small torch ops can run 100x slower and the figures become noise.
 The benchmark groups pair each gradstats function with the baselines doing the same job:
@@ -28,8 +28,8 @@ import baselines as B  # noqa: E402
 import shapes as S  # noqa: E402
 
 import gradstats  # noqa: E402
-from gradstats import _dispatch  # noqa: E402
-from gradstats import reference as R  # noqa: E402
+from gradstats.backends import registry as _dispatch  # noqa: E402
+from gradstats.core import reference as R  # noqa: E402
 
 SCALE = float(os.environ.get("GRADSTATS_BENCH_SCALE", 1 / 16))
 SET_NAMES = ("gpt2-124M", "small-2000")

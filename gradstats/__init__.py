@@ -3,13 +3,12 @@
 Importing this package needs neither a GPU, nor triton, nor the compiled extension:
 backends that cannot run say why (``python -m gradstats info``).
 """
-from ._dispatch import BackendUnavailableError
+from .backends.registry import BackendUnavailableError
 from .clip import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
-from .stats import GradStats, grad_stats
+from .core.stats import GradStats, grad_stats
 from . import policies
 from .optim import StableOptimizer
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "BackendUnavailableError",

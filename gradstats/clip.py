@@ -11,13 +11,15 @@ from __future__ import annotations
 import math
 import types
 import warnings
-from typing import Iterable, List, Optional, Union
+from typing import Any, Iterable, List, Optional, Union
 
 import torch
 from torch import Tensor
 
-from . import _dispatch, _grouping
-from .stats import compute_groups
+from .backends import registry
+from .core import grouping
+from .core.reduce import total_norm_like_torch
+from .core.stats import check_norm_type, compute_groups
 
 _TensorOrTensors = Union[Tensor, Iterable[Tensor]]
 
@@ -45,9 +47,8 @@ def _kernel_norm_type(norm_type) -> Optional[float]:
 
 def _like_torch(total: Tensor, grads: List[Tensor], p: float) -> Tensor:
     """For DTensor gradients, the total norm as torch returns it (a DTensor on the mesh)."""
-    if type(grads[0]) is Tensor or not _grouping.is_dtensor(grads[0]):
+    if not grads or type(grads[0]) is Tensor or not grouping.is_dtensor(grads[0]):
         return total
-    from .distributed import total_norm_like_torch
     return total_norm_like_torch(total, grads, p)
 
 
@@ -66,14 +67,15 @@ def scale_grads_(groups: List[List[Tensor]], coef: Tensor, backend: Optional[str
             coefficient is >= 1 are not touched (no pass over them); NaN scales.
         backend: as in :func:`gradstats.grad_stats`.
     """
-    slices, _ = _grouping.slices(groups, "parameters[i].grad")
+    slices, _ = grouping.slices(groups, "parameters[i].grad")
     for s in slices:
-        _dispatch.select(s, norm_type, backend).scale_(s, coef.to(s.device))
+        registry.select(s, norm_type, backend).scale_(s, coef.to(s.device))
 
 
 @torch.no_grad()
 def get_total_norm(tensors: _TensorOrTensors, norm_type: float = 2.0,
-                   error_if_nonfinite: bool = False, foreach: Optional[bool] = None) -> Tensor:
+                   error_if_nonfinite: bool = False, foreach: Optional[bool] = None,
+                   *, pp_group: Any = None) -> Tensor:
     r"""Norm of an iterable of tensors, as if concatenated into one vector.
 
     Drop-in for :func:`torch.nn.utils.get_total_norm` (same arguments, same results),
@@ -85,6 +87,9 @@ def get_total_norm(tensors: _TensorOrTensors, norm_type: float = 2.0,
         error_if_nonfinite (bool): raise if the total norm is NaN or Inf (this reads the
             result on the host: one sync). Default: False.
         foreach (bool): accepted for compatibility; the fused kernels need no foreach.
+        pp_group: pipeline parallelism: the process group (or 1-D device mesh) across
+            which the stages' norms are combined (every stage must call, one without
+            tensors too). DTensor gradients are reduced over their mesh without it.
 
     Returns:
         Tensor: float32 0-dim on the first tensor's device (``tensor(0.)`` for no tensors).
@@ -100,13 +105,16 @@ def get_total_norm(tensors: _TensorOrTensors, norm_type: float = 2.0,
         >>> total = gradstats.get_total_norm(grads, 2.0)
     """
     ts = [tensors] if isinstance(tensors, Tensor) else list(tensors)
-    p = _kernel_norm_type(norm_type)
-    if p is None:  # p <= 0 or -inf: not a norm the kernels compute; torch's exact semantics
-        return torch.nn.utils.get_total_norm(ts, norm_type, error_if_nonfinite, foreach)
-    if not ts:
-        return torch.tensor(0.0)
-    groups = _grouping.groups_of_tensors(ts)
-    st, _, _ = compute_groups(groups, p, full=False)
+    if pp_group is not None:
+        p = check_norm_type(norm_type)
+    else:
+        p = _kernel_norm_type(norm_type)
+        if p is None:  # p <= 0 or -inf: not a norm the kernels compute; torch's semantics
+            return torch.nn.utils.get_total_norm(ts, norm_type, error_if_nonfinite, foreach)
+        if not ts:
+            return torch.tensor(0.0)
+    groups = grouping.groups_of_tensors(ts) if ts else [[]]
+    st, _, _ = compute_groups(groups, p, full=False, pp_group=pp_group)
     if error_if_nonfinite:
         _raise_if_nonfinite(st.total_norm, p)
     return _like_torch(st.total_norm, ts, p)
@@ -137,10 +145,10 @@ def clip_grads_with_norm_(parameters: _TensorOrTensors, max_norm: float, total_n
     """
     m = _check_max_norm(max_norm)
     params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
-    grads = _grouping.grads_of(params)
+    grads = grouping.grads_of(params)
     if not grads:
         return
-    if type(total_norm) is not Tensor and _grouping.is_dtensor(total_norm):
+    if type(total_norm) is not Tensor and grouping.is_dtensor(total_norm):
         total_norm = total_norm.full_tensor()  # no communication when it is replicated
     coef = torch.clamp(m / (total_norm + 1e-6), max=1.0).to(torch.float32)
     scale_grads_([grads], coef)
@@ -148,7 +156,8 @@ def clip_grads_with_norm_(parameters: _TensorOrTensors, max_norm: float, total_n
 
 @torch.no_grad()
 def clip_grad_norm_(parameters: _TensorOrTensors, max_norm: float, norm_type: float = 2.0,
-                    error_if_nonfinite: bool = False, foreach: Optional[bool] = None) -> Tensor:
+                    error_if_nonfinite: bool = False, foreach: Optional[bool] = None,
+                    *, pp_group: Any = None) -> Tensor:
     r"""Clip the gradient norm of an iterable of parameters, in place.
 
     Drop-in for :func:`torch.nn.utils.clip_grad_norm_`: the norm is computed over all
@@ -164,6 +173,9 @@ def clip_grad_norm_(parameters: _TensorOrTensors, max_norm: float, norm_type: fl
         norm_type (float): order of the norm; ``inf`` for the max norm. Default: 2.0.
         error_if_nonfinite (bool): raise if the total norm is NaN or Inf. Default: False.
         foreach (bool): accepted for compatibility; the fused kernels need no foreach.
+        pp_group: pipeline parallelism: the process group (or 1-D device mesh) across
+            which the stages' norms are combined, as torchtitan's ``pp_mesh``; every stage
+            must call it and every stage clips with the same coefficient.
 
     Returns:
         Tensor: the total norm before clipping, float32 0-dim on the first gradient's
@@ -188,15 +200,19 @@ def clip_grad_norm_(parameters: _TensorOrTensors, max_norm: float, norm_type: fl
         if is_gen and not params:
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.",
                           stacklevel=3)
-    p = _kernel_norm_type(norm_type)
-    if p is None:  # torch's exact semantics for p <= 0 / -inf
-        return torch.nn.utils.clip_grad_norm_(params, m, norm_type, error_if_nonfinite, foreach)
-    grads = _grouping.grads_of(params)
-    if not grads:
+    if pp_group is not None:
+        p = check_norm_type(norm_type)
+    else:
+        p = _kernel_norm_type(norm_type)
+        if p is None:  # torch's exact semantics for p <= 0 / -inf
+            return torch.nn.utils.clip_grad_norm_(params, m, norm_type, error_if_nonfinite,
+                                                  foreach)
+    grads = grouping.grads_of(params)
+    if not grads and pp_group is None:
         return torch.tensor(0.0)
-    st, coef, slices = compute_groups([grads], p, full=False, max_norm=m)
+    st, coef, slices = compute_groups([grads], p, full=False, max_norm=m, pp_group=pp_group)
     if error_if_nonfinite:
         _raise_if_nonfinite(st.total_norm, p)
     for s in slices:
-        _dispatch.select(s, p, None).scale_(s, coef.to(s.device))
+        registry.select(s, p, None).scale_(s, coef.to(s.device))
     return _like_torch(st.total_norm, grads, p)

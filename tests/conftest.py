@@ -8,7 +8,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from gradstats import _dispatch  # noqa: E402
+from gradstats.backends import registry as _dispatch  # noqa: E402
 
 
 def available_backends():

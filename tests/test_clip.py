@@ -171,7 +171,7 @@ def test_zero_max_norm_like_torch(use_backend):
 
 def test_env_backend_forced_unavailable(monkeypatch):
     """A forced backend that cannot run raises with its reason; None picks another one."""
-    from gradstats import _dispatch
+    from gradstats.backends import registry as _dispatch
     monkeypatch.setattr(_dispatch, "unavailable_reason",
                         lambda name: "simulated: not built" if name == "native" else None)
     _dispatch.clear_selection_cache()  # choices are cached per gradient set

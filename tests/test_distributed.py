@@ -3,7 +3,7 @@
 Each test spawns 2 or 4 processes that run a batch of checks and report back; every
 spawned job has a deadline (the processes are killed past it) and every process group a
 60 s timeout, so nothing can hang. Every statistic is compared on every rank with the
-single-process reference (``gradstats.reference``) on the unsharded gradients.
+single-process reference (``gradstats.core.reference``) on the unsharded gradients.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 import gradstats
-from gradstats.reference import max_abs_ok, ref_grad_stats, rel_err
+import gradstats.distributed
+from gradstats.core.reference import max_abs_ok, ref_grad_stats, rel_err
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")

@@ -1,7 +1,8 @@
 """Host-side bookkeeping: gradient collection, cache keys, cached backend choice."""
 import torch
 
-from gradstats import _dispatch, _grouping
+from gradstats.backends import registry as _dispatch
+from gradstats.core import grouping as _grouping
 
 
 class _MyTensor(torch.Tensor):

@@ -10,7 +10,7 @@ import sys
 sys.modules["triton"] = None          # import triton -> ImportError
 sys.modules["gradstats._C"] = None    # no compiled extension
 import torch, gradstats
-from gradstats import _dispatch
+from gradstats.backends import registry as _dispatch
 p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.full((3,), 2.0)
 st = gradstats.grad_stats([p])
 assert abs(float(st.norm[0]) - 12 ** 0.5) < 1e-6

@@ -9,10 +9,11 @@ import os
 import pytest
 import torch
 
-from gradstats import _dispatch, clip_grad_norm_, grad_stats
+from gradstats import clip_grad_norm_, grad_stats
+from gradstats.backends import registry as _dispatch
 from gradstats.backends import native
-from gradstats.reference import ref_grad_stats, rel_err
-from gradstats.stats import compute_groups
+from gradstats.core.reference import ref_grad_stats, rel_err
+from gradstats.core.stats import compute_groups
 
 _WHY = native.NativeBackend().unavailable_reason()
 if _WHY is not None:
@@ -337,7 +338,7 @@ def test_dispatch_prefers_native_on_cpu():
     ps = [torch.nn.Parameter(torch.zeros(3))]
     ps[0].grad = torch.ones(3)
     groups = [[ps[0].grad]]
-    from gradstats import _grouping
+    from gradstats.core import grouping as _grouping
     s = _grouping.slices(groups)[0][0]
     assert _dispatch.select(s, 2.0, None).name == "native"
     s64 = _grouping.slices([[torch.ones(3, dtype=torch.float64)]])[0][0]

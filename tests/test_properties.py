@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gradstats
-from gradstats.reference import ref_grad_stats, rel_err
+from gradstats.core.reference import ref_grad_stats, rel_err
 
 from conftest import available_backends
 

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from gradstats.reference import ref_grad_stats, rel_err
+from gradstats.core.reference import ref_grad_stats, rel_err
 
 from conftest import make_grads
 

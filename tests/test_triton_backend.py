@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from gradstats._grouping import slices  # noqa: E402
+from gradstats.core.grouping import slices  # noqa: E402
 from gradstats.backends.triton import TritonBackend  # noqa: E402
 from gradstats.backends.triton import launcher  # noqa: E402
 

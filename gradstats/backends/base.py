@@ -2,7 +2,7 @@
 
 A backend receives a :class:`DeviceSlice` (the gradients of one call that live on one
 device, in parameter order, each tagged with its group) and returns :class:`Partials`:
-per-group (and optionally per-tensor) raw accumulators.  ``gradstats.stats`` turns those
+per-group (and optionally per-tensor) raw accumulators.  ``gradstats.core.stats`` turns those
 into norms with :func:`finalize`, unless the backend already produced the final values
 itself (``Partials.final``), which the Triton backend does inside its finalize kernel.
 

@@ -11,7 +11,7 @@ import os
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
-from .backends.base import Backend, DeviceSlice
+from .base import Backend, DeviceSlice
 
 BACKEND_NAMES = ("triton", "native", "torch")
 

@@ -299,7 +299,7 @@ def main(args: Any = None) -> int:
     for label, fs in rep.findings.items():
         for fnd in fs:
             if fnd.kind != "log_problem":
-                print(f"  [{report._ICON.get(fnd.severity, fnd.severity)}] {label}: {fnd.title}")
+                print(f"  [{report.SEVERITY_LABEL.get(fnd.severity, fnd.severity)}] {label}: {fnd.title}")
     print()
     print(f"Logs:   {a.log}, {b.log}")
     print(f"Report: {rep.markdown}")

@@ -13,7 +13,8 @@ from typing import Any, List, Tuple
 import torch
 from torch import Tensor
 
-from .backends.base import DeviceSlice
+from ..backends import native
+from ..backends.base import DeviceSlice
 
 _numel = Tensor.numel
 _ptr = Tensor.data_ptr
@@ -30,7 +31,7 @@ def is_dtensor(t: Any) -> bool:
 def first_is_dtensor(groups: List[List[Tensor]]) -> bool:
     """Whether the first gradient of ``groups`` is a DTensor (one type check on plain ones).
 
-    The whole call is then handled by :mod:`gradstats.distributed`, which rejects a mix
+    The whole call is then handled by :mod:`gradstats.core.reduce`, which rejects a mix
     of DTensor and plain gradients; a DTensor behind a plain first gradient is caught by
     :func:`check_groups` when the gradient set is first validated.
     """
@@ -106,6 +107,21 @@ def groups_of_tensors(tensors_or_groups: Any, what: str = "tensors") -> List[Lis
     return [items]
 
 
+def local_groups(groups: List[List[Tensor]], what: str = "gradients") -> List[List[Tensor]]:
+    """The local shards of DTensor gradients (plain tensors are an error), per group."""
+    out = []
+    for grads in groups:
+        loc = []
+        for g in grads:
+            if type(g) is Tensor or not is_dtensor(g):
+                raise TypeError(f"{what}: got a mix of DTensor and plain torch.Tensor "
+                                "gradients; all gradients of one call must be DTensors on "
+                                "one device mesh, or all plain tensors")
+            loc.append(g._local_tensor if hasattr(g, "_local_tensor") else g.to_local())
+        out.append(loc)
+    return out
+
+
 def check_groups(groups: List[List[Tensor]], what: str) -> None:
     """Validate dtypes/layouts (run once per new set of gradients, see :func:`slices`)."""
     for grads in groups:
@@ -150,13 +166,14 @@ _NATIVE: dict = {}
 
 
 def _native(name: str):
-    """``gradstats._C.<name>`` when the extension is built, else ``None`` (looked up once)."""
+    """``gradstats._C.<name>`` when the extension is built and allowed, else ``None``.
+
+    The extension is loaded by :func:`gradstats.backends.native.extension`, which honours
+    ``GRADSTATS_NO_EXT=1``; the lookup is done once per name.
+    """
     if name not in _NATIVE:
-        try:
-            from . import _C
-            _NATIVE[name] = getattr(_C, name)
-        except Exception:
-            _NATIVE[name] = None
+        ext = native.extension()
+        _NATIVE[name] = None if ext is None else getattr(ext, name, None)
     return _NATIVE[name]
 
 
@@ -199,7 +216,7 @@ def slices(groups: List[List[Tensor]], what: str = "gradients"
 
     Validates the gradients the first time a given set is seen (cached by key).
     DTensor gradients stand for their local shards here (for the scale passes; the
-    statistics of DTensors go through :mod:`gradstats.distributed`, which reduces them).
+    statistics of DTensors go through :mod:`gradstats.core.reduce`, which reduces them).
 
     Returns:
         (slices in order of first appearance, the flat tensor list in parameter order)
@@ -212,7 +229,6 @@ def slices(groups: List[List[Tensor]], what: str = "gradients"
     if not flat:
         return [], flat
     if type(flat[0]) is not Tensor and is_dtensor(flat[0]):
-        from .distributed import local_groups
         groups = local_groups(groups, what)
         flat = groups[0] if G == 1 else [g for grads in groups for g in grads]
     sizes = tuple(map(len, groups))

@@ -1,8 +1,8 @@
 """The stats log format: its documentation, field tables and record encoding.
 
 :class:`~gradstats.telemetry.StatsLogger` builds the records with :func:`header_record`,
-:func:`step_record` and :func:`end_record`; the writers (:mod:`gradstats.logwriters`)
-encode them with :func:`_enc`, and :func:`~gradstats.logreader.read_log` decodes them with
+:func:`step_record` and :func:`end_record`; the writers (:mod:`gradstats.telemetry.writers`)
+encode them with :func:`_enc`, and :func:`~gradstats.telemetry.reader.read_log` decodes them with
 :func:`_dec`.
 
 Log format (version 1)
@@ -26,7 +26,7 @@ JSON Lines (default; ``.jsonl``), one object per line, each with a ``"type"``:
     ``max_names``) and ``nonfinite_tensor_count``.
     A value that was not measured is ``null``. Non-finite numbers are written as the
     strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` (strict JSON);
-    :func:`~gradstats.logreader.read_log` turns them back into floats.
+    :func:`~gradstats.telemetry.reader.read_log` turns them back into floats.
 ``end`` (last line, written by ``close()``)
     ``steps`` (records written), ``counters``. A log without it was not closed (the run
     crashed or is still running).
@@ -90,7 +90,7 @@ def header_record(*, norm_type: float, groups: List[str], params: List[str],
                   optimizer: Optional[str], policy: Optional[str], spike: Optional[str],
                   meta: Dict[str, Any]) -> Dict[str, Any]:
     """The ``header`` record (versions and creation time filled in here)."""
-    from . import __version__
+    from ..version import __version__
     return {
         "type": "header", "format": FORMAT_NAME, "version": FORMAT_VERSION,
         "gradstats_version": __version__, "torch_version": torch.__version__,

@@ -8,8 +8,9 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 import torch
 from torch import Tensor
 
-from . import _dispatch, _grouping
-from .backends.base import DeviceSlice, FinalStats, Partials, finalize
+from ..backends import registry
+from ..backends.base import DeviceSlice, FinalStats, Partials, finalize
+from . import grouping, reduce
 
 _ParamsOrGroups = Union[Tensor, Iterable[Tensor], Iterable[Dict[str, Any]]]
 
@@ -119,30 +120,41 @@ def compute_groups(groups: List[List[Tensor]], norm_type: float = 2.0, per_tenso
     """Statistics of gradient tensors given as groups (internal entry point).
 
     DTensor gradients (FSDP2, tensor parallel) and calls with a ``pp_group`` (pipeline
-    parallel) are reduced across ranks by :mod:`gradstats.distributed`; the results are
+    parallel) are reduced across ranks by :mod:`gradstats.core.reduce`; the results are
     the global statistics, identical on every rank.
 
     Returns:
         ``(GradStats, clip_coef or None, device slices)``. With ``full=False`` the
         ``max_abs``/``nonfinite`` fields may be ``None`` (norms only: the clipping path).
     """
-    if pp_group is not None or _grouping.first_is_dtensor(groups):
-        from . import distributed
-        return distributed.compute_groups(groups, norm_type, per_tensor, backend, full,
-                                          max_norm, pp_group)
-    slices, flat = _grouping.slices(groups)
     G = len(groups)
+    if pp_group is not None or grouping.first_is_dtensor(groups):
+        fin, numel, slices = reduce.reduce_groups(groups, norm_type, per_tensor, backend,
+                                                  full, pp_group)
+        fin = FinalStats(norm=fin.norm.to(torch.float32),
+                         total_norm=fin.total_norm.to(torch.float32),
+                         max_abs=None if fin.max_abs is None else fin.max_abs.to(torch.float32),
+                         nonfinite=fin.nonfinite,
+                         per_tensor_norm=(None if fin.per_tensor_norm is None
+                                          else fin.per_tensor_norm.to(torch.float32)))
+        return _result(fin, numel, per_tensor, norm_type, max_norm, slices)
+    slices, flat = grouping.slices(groups)
     if not slices:
         return _empty_stats(G, norm_type, per_tensor), None, slices
     if len(slices) == 1:
         s = slices[0]
-        parts = _dispatch.select(s, norm_type, backend).compute(s, norm_type, per_tensor, full,
+        parts = registry.select(s, norm_type, backend).compute(s, norm_type, per_tensor, full,
                                                                 max_norm)
         fin = parts.final or finalize(parts, norm_type, per_tensor)
         numel = _numel_tensor(groups, slices, s.device)
     else:
         fin = _multi_device(slices, len(flat), norm_type, per_tensor, backend, full)
         numel = _numel_tensor(groups, slices, slices[0].device)
+    return _result(fin, numel, per_tensor, norm_type, max_norm, slices)
+
+
+def _result(fin: FinalStats, numel: Tensor, per_tensor: bool, norm_type: float,
+            max_norm: Optional[float], slices: List[DeviceSlice]):
     coef = None
     if max_norm is not None:
         coef = fin.clip_coef
@@ -161,7 +173,7 @@ def _multi_device(slices: List[DeviceSlice], T: int, norm_type: float, per_tenso
     dev0 = slices[0].device
     parts: List[Partials] = []
     for s in slices:
-        parts.append(_dispatch.select(s, norm_type, backend).compute(s, norm_type, per_tensor,
+        parts.append(registry.select(s, norm_type, backend).compute(s, norm_type, per_tensor,
                                                                      full, None))
     inf = math.isinf(norm_type)
     accs = torch.stack([p.acc.to(dev0) for p in parts])
@@ -230,7 +242,7 @@ def grad_stats(params_or_groups: _ParamsOrGroups, norm_type: float = 2.0,
         (torch.Size([1]), torch.int64)
     """
     p = check_norm_type(norm_type)
-    groups = _grouping.groups_of_params(params_or_groups)
+    groups = grouping.groups_of_params(params_or_groups)
     with torch.no_grad():
         st, _, _ = compute_groups(groups, p, per_tensor, backend, full=True,
                                   pp_group=pp_group)

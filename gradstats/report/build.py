@@ -20,9 +20,9 @@ without any of these is reported clean.
 Python use: ``build_report(paths, out_dir)`` returns a :class:`Report` (findings per run,
 files written); ``analyze(read_log(path))`` returns the :class:`Finding` list of one log.
 
-The work is split by job: :mod:`gradstats.runs` turns a log into arrays,
-:mod:`gradstats.diagnosis` finds the signals (thresholds in :mod:`gradstats.signals`),
-:mod:`gradstats.plots` draws the PNGs; this module reads the logs, writes ``report.md`` and
+The work is split by job: :mod:`gradstats.report.runs` turns a log into arrays,
+:mod:`gradstats.report.diagnosis` finds the signals (thresholds in :mod:`gradstats.report.signals`),
+:mod:`gradstats.report.plots` draws the PNGs; this module reads the logs, writes ``report.md`` and
 is the command's entry point. The public names of those modules are re-exported here.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Sequence
 
 from .diagnosis import Finding, _analyze_run, _divergence, _fmt, _seed_findings
 from .diagnosis import analyze  # noqa: F401  (public, re-exported)
-from .logreader import read_log
+from ..telemetry.reader import read_log
 from .plots import _plot_overlay, _plot_run, _plot_spread
 from .runs import Run, load_run
 from .signals import (CLIP_RATE, SEED_SPREAD, SPIKE_RATIO, SPIKE_WINDOW, SPIKE_Z,
@@ -132,7 +132,7 @@ def build_report(paths: Sequence[str], out_dir: str, *, k: float = 3.0,
                   problems=problems)
 
 
-_ICON = {"problem": "PROBLEM", "warning": "WARNING", "info": "OK"}
+SEVERITY_LABEL = {"problem": "PROBLEM", "warning": "WARNING", "info": "OK"}
 
 
 def _markdown(title: str, runs: List[Run], findings: Dict[str, List[Finding]],
@@ -154,7 +154,7 @@ def _markdown(title: str, runs: List[Run], findings: Dict[str, List[Finding]],
         if not fs:
             L.append("Nothing to report.")
         for f in sorted(fs, key=lambda f: order.get(f.severity, 3)):
-            L.append(f"- **{_ICON.get(f.severity, f.severity.upper())} — {f.title}.** "
+            L.append(f"- **{SEVERITY_LABEL.get(f.severity, f.severity.upper())} — {f.title}.** "
                      f"{f.text}")
         L.append("")
     if problems:
@@ -195,7 +195,7 @@ def print_summary(rep: Report, file=None) -> None:
         for f in fs:
             if f.kind == "log_problem":
                 continue
-            print(f"[{_ICON.get(f.severity, f.severity)}] {label}: {f.title}", file=file)
+            print(f"[{SEVERITY_LABEL.get(f.severity, f.severity)}] {label}: {f.title}", file=file)
     for p in rep.problems:
         print(f"log problem: {p}", file=sys.stderr)
     print(f"report: {rep.markdown}", file=file)

@@ -20,7 +20,8 @@ def info_lines() -> List[str]:
     """Versions, devices and backend availability, one line each."""
     import torch
 
-    from . import __version__, _dispatch
+    from ..backends import registry as _dispatch
+    from ..version import __version__
 
     lines = [
         f"gradstats {__version__}",
@@ -43,7 +44,7 @@ def info_lines() -> List[str]:
     for name, why in _dispatch.backend_table():
         detail = ""
         if why is None and name == "native":
-            from .backends import native
+            from ..backends import native
             detail = f" ({native.describe()})"
         elif why is None and name == "triton" and not torch.cuda.is_available():
             detail = (" (no CUDA device: runs on CPU tensors only with TRITON_INTERPRET=1)"
@@ -61,7 +62,7 @@ def _cmd_info(args) -> int:
 
 
 def _delegate(module: str, args) -> int:
-    mod = importlib.import_module(f"gradstats.{module}")
+    mod = importlib.import_module(module)
     return int(mod.main(args) or 0)
 
 
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="output folder")
     p.add_argument("--steps", type=int, default=None, help="training steps (default 400)")
     p.add_argument("--seed", type=int, default=0, help="random seed of both runs")
-    p.set_defaults(fn=lambda a: _delegate("demo", a))
+    p.set_defaults(fn=lambda a: _delegate("gradstats.cli.demo", a))
     p = sub.add_parser("report", help="plots and a diagnosis from stats logs",
                        description="Read stats logs (written by StableOptimizer(log=...) or "
                        "gradstats.telemetry.StatsLogger), write PNG plots and report.md with "
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "activation rate, in steps (default 50)")
     p.add_argument("--compare", action="store_true", help="the logs are different "
                    "configurations, not seeds: overlay them, no seed-spread diagnosis")
-    p.set_defaults(fn=lambda a: _delegate("report", a))
+    p.set_defaults(fn=lambda a: _delegate("gradstats.report.build", a))
     p = sub.add_parser("bench", help="benchmark gradstats against the torch baselines")
     p.add_argument("--quick", action="store_true", help="a short run (< 2 min on a CPU)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(gpt2-124m, llama3.2-1b, resnet50-like, 2000-small)")
     p.add_argument("--out", default="bench_out", help="folder of bench.json")
     p.add_argument("--json", default=None, help="JSON output path (overrides --out)")
-    p.set_defaults(fn=lambda a: _delegate("bench", a))
+    p.set_defaults(fn=lambda a: _delegate("gradstats.cli.bench", a))
     return ap
 
 

@@ -31,8 +31,8 @@ and write-outs (the tests check there is no copy per step).
 Log format
 ==========
 The records (header, one per step, end) and the file formats (JSON Lines, CSV,
-TensorBoard) are documented in :mod:`gradstats.logformat`. The writers are in
-:mod:`gradstats.logwriters` and the reader :func:`read_log` in :mod:`gradstats.logreader`;
+TensorBoard) are documented in :mod:`gradstats.telemetry.format`. The writers are in
+:mod:`gradstats.telemetry.writers` and the reader :func:`read_log` in :mod:`gradstats.telemetry.reader`;
 both are re-exported here, with the format constants.
 """
 from __future__ import annotations
@@ -45,11 +45,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .logformat import _BOOLS, _INTS, _PER_GROUP, _SCALARS, end_record, header_record, step_record
+from .format import _BOOLS, _INTS, _PER_GROUP, _SCALARS, end_record, header_record, step_record
 # the format, the writers and the reader are public here too
-from .logformat import FORMAT_NAME, FORMAT_VERSION  # noqa: F401
-from .logreader import LogData, read_log  # noqa: F401
-from .logwriters import CSVWriter, JSONLWriter, TensorBoardWriter, open_writer  # noqa: F401
+from .format import FORMAT_NAME, FORMAT_VERSION  # noqa: F401
+from .reader import LogData, read_log  # noqa: F401
+from .writers import CSVWriter, JSONLWriter, TensorBoardWriter, open_writer  # noqa: F401
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "StatsLogger", "attach", "read_log", "LogData",
            "JSONLWriter", "CSVWriter", "TensorBoardWriter", "open_writer"]

@@ -3,7 +3,7 @@ clipping policies and lossless step skipping.
 
 How a step runs
 ===============
-1. One fused statistics pass over every gradient of every group (``gradstats.stats``):
+1. One fused statistics pass over every gradient of every group (``gradstats.core.stats``):
    per-group norms, max-abs, NaN/Inf counts.
 2. On the device: running statistics of each group's norm (EMA mean/variance with a
    warm-up), the skip decision (non-finite gradients or loss when ``skip_nonfinite``; AMP
@@ -76,10 +76,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _grouping
-from .clip import _check_max_norm, scale_grads_
-from .policies import Decision, FixedNorm, Policy, StepContext, as_policy
-from .stats import GradStats, check_norm_type, compute_groups
+from .. import telemetry
+from ..clip import _check_max_norm, scale_grads_
+from ..core import grouping
+from ..core.stats import GradStats, check_norm_type, compute_groups
+from ..policies import Decision, FixedNorm, Policy, SpikeSkip, StepContext, as_policy
 
 __all__ = ["StableOptimizer", "StepRecord"]
 
@@ -225,6 +226,10 @@ class StableOptimizer(Optimizer):
             ``opt.log.close()`` at the end. See :mod:`gradstats.telemetry`.
         grad_scaler: a ``torch.amp.GradScaler`` whose loss-scale division is folded into
             the step (see "AMP" in the module docstring).
+        pp_group: pipeline parallelism: the process group (or 1-D device mesh) across
+            which the stages' statistics are combined (every stage must step on every
+            iteration, with the same number of parameter groups). DTensor gradients need
+            nothing: they are reduced across their mesh anyway.
 
     Raises:
         TypeError: ``optimizer`` is not a ``torch.optim.Optimizer`` (or is already a
@@ -249,7 +254,7 @@ class StableOptimizer(Optimizer):
     def __init__(self, optimizer: Optimizer, max_norm: Optional[float] = None, *,
                  norm_type: float = 2.0, policy: Any = None, skip_nonfinite: bool = True,
                  spike: Any = None, param_names: Any = None, log: Any = None,
-                 grad_scaler: Any = None) -> None:
+                 grad_scaler: Any = None, pp_group: Any = None) -> None:
         if isinstance(optimizer, StableOptimizer):
             raise TypeError("optimizer is already a StableOptimizer; wrap the inner "
                             "optimizer once")
@@ -262,7 +267,6 @@ class StableOptimizer(Optimizer):
         if max_norm is not None:
             policy = FixedNorm(_check_max_norm(max_norm))
         if spike is True:
-            from .policies import SpikeSkip
             spike = SpikeSkip()
         elif spike is False:
             spike = None
@@ -277,6 +281,9 @@ class StableOptimizer(Optimizer):
             raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got "
                             f"{type(grad_scaler).__name__}")
         self.grad_scaler = grad_scaler
+        #: pipeline parallelism: the process group (or 1-D device mesh) across which the
+        #: stages' statistics are combined, so every stage takes the same decision.
+        self.pp_group = pp_group
         #: collect per-tensor norms in the statistics pass (telemetry may turn this on).
         self.per_tensor = False
         #: optional callable ``hook(record)`` run at the end of every step.
@@ -299,8 +306,7 @@ class StableOptimizer(Optimizer):
         self._device = self._param_device()
         self._init_own_state(len(self.param_groups), self._device)
         if log is not None:
-            from .telemetry import attach
-            self.log = attach(self, log)
+            self.log = telemetry.attach(self, log)
 
     # ------------------------------------------------------------ shared optimizer views
     @property
@@ -522,7 +528,7 @@ class StableOptimizer(Optimizer):
         training can substitute a version that reduces the statistics across ranks.
         """
         st, coef, _ = compute_groups(grads, self.norm_type, per_tensor=self.per_tensor,
-                                     full=True, max_norm=max_norm)
+                                     full=True, max_norm=max_norm, pp_group=self.pp_group)
         return st, coef
 
     def _fold_ok(self) -> bool:
@@ -762,7 +768,7 @@ class StableOptimizer(Optimizer):
 
 def _mul_grads_(grads: List[List[Tensor]], factor: Tensor) -> None:
     """``g *= factor`` for every gradient (factor 0-dim or [G], may exceed 1)."""
-    slices, _ = _grouping.slices(grads)
+    slices, _ = grouping.slices(grads)
     for s in slices:
         f = factor.to(s.device)
         if f.dim() == 0:

@@ -1,7 +1,7 @@
 """Reading a stats log back: :func:`read_log` (JSON Lines or CSV) -> :class:`LogData`.
 
 Corrupt or truncated lines do not stop the reading: each one is reported with its line
-number in :attr:`LogData.problems`. The format is documented in :mod:`gradstats.logformat`.
+number in :attr:`LogData.problems`. The format is documented in :mod:`gradstats.telemetry.format`.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
-from .logformat import _BOOLS, _NONFINITE_STR, FORMAT_NAME, FORMAT_VERSION, _dec
+from .format import _BOOLS, _NONFINITE_STR, FORMAT_NAME, FORMAT_VERSION, _dec
 
 
 @dataclass

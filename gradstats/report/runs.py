@@ -2,7 +2,7 @@
 
 One :class:`Run` holds a log's N steps and G groups (loss, norms, clipping, skipped and
 non-finite steps, the running mean/std band) with missing values as NaN; the diagnosis
-(:mod:`gradstats.diagnosis`) and the plots (:mod:`gradstats.plots`) read these arrays.
+(:mod:`gradstats.report.diagnosis`) and the plots (:mod:`gradstats.report.plots`) read these arrays.
 For logs without the optimizer's running statistics the band is recomputed here with
 StableOptimizer's EMA rule, leaving spikes out.
 """
@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .logreader import LogData
+from ..telemetry.reader import LogData
 from .signals import SPIKE_RATIO, SPIKE_Z, _spikes
 
 

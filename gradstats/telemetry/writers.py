@@ -1,6 +1,6 @@
 """Writers of the stats log: JSON Lines, CSV and TensorBoard, chosen by :func:`open_writer`.
 
-A writer takes records (dicts, see :mod:`gradstats.logformat`) one at a time through
+A writer takes records (dicts, see :mod:`gradstats.telemetry.format`) one at a time through
 ``write(record)``, and has ``flush()`` and ``close()``.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from .logformat import _PER_GROUP, _enc
+from .format import _PER_GROUP, _enc
 
 
 class JSONLWriter:

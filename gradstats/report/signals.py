@@ -1,7 +1,7 @@
 """The thresholds of the training diagnosis and the robust statistics of one series.
 
-Shared by :mod:`gradstats.runs` (the running-statistics band leaves spikes out),
-:mod:`gradstats.diagnosis` (the signals), :mod:`gradstats.plots` (the clip-rate line) and
+Shared by :mod:`gradstats.report.runs` (the running-statistics band leaves spikes out),
+:mod:`gradstats.report.diagnosis` (the signals), :mod:`gradstats.report.plots` (the clip-rate line) and
 :mod:`gradstats.report` (which documents the thresholds in ``report.md``):
 
 * :func:`_spikes`: upward outliers against a robust z-score of the previous window;

@@ -1,12 +1,12 @@
 """The diagnosis of a training run: the signals of unstable training, as findings.
 
-Each signal is one function from a :class:`~gradstats.runs.Run` to findings (:class:`Finding`)
+Each signal is one function from a :class:`~gradstats.report.runs.Run` to findings (:class:`Finding`)
 with plain-language evidence (step numbers, groups, tensor names): the first non-finite step
 and where it came from; gradient-norm and loss spikes; clipping active in more than half
 of the steps; gradient-norm variance rising before divergence; norms collapsing toward
 zero; a loss that never improved; a divergence; large variation across seeds
 (:func:`_seed_findings`). :func:`analyze` gives the findings of one log, a ``"clean"``
-finding when there are none. The thresholds are in :mod:`gradstats.signals`.
+finding when there are none. The thresholds are in :mod:`gradstats.report.signals`.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .logreader import LogData
+from ..telemetry.reader import LogData
 from .runs import Run, load_run
 from .signals import (CLIP_RATE, SEED_SPREAD, SPIKE_RATIO, SPIKE_WINDOW, SPIKE_Z,
                       VANISH_FACTOR, VAR_RISE, VAR_RISE_NO_DIV, VAR_WINDOW, _dispersion,

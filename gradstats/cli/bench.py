@@ -262,7 +262,7 @@ def run(device: Optional[str] = None, quick: bool = False, reps: Optional[int] =
         del groups
     if bar is not None:
         bar.close()
-    from . import _dispatch
+    from ..backends import registry as _dispatch
     env = {
         "device": (torch.cuda.get_device_name(0) if device == "cuda" else
                    f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads, "

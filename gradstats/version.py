@@ -1,0 +1,2 @@
+"""The package version (a leaf module: every layer may import it)."""
+__version__ = "0.2.0.dev0"
