@@ -343,7 +343,7 @@ def test_zero_grad_add_param_group_hooks_closure_and_loss():
     opt = StableOptimizer(O.SGD([{"params": params[0]}], lr=0.1), max_norm=1.0,
                           spike=P.SpikeSkip(window=4, warmup=2, on=("grad_norm", "loss")))
     seen = []
-    opt._on_step = seen.append
+    opt.register_step_hook(lambda _o, rec: seen.append(rec))
     calls = []
     opt.register_step_post_hook(lambda o, a, k: calls.append(1))
     set_grads([params[0]], [grads_for(0)[0]])

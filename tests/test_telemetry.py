@@ -61,7 +61,7 @@ def test_stable_optimizer_log_round_trip(tmp_path, suffix):
     opt = gradstats.StableOptimizer(
         torch.optim.Adam(_groups(m), lr=1e-2), max_norm=0.5,
         param_names=m.named_parameters(), log=path)
-    assert isinstance(opt.log, StatsLogger) and opt.per_tensor
+    assert isinstance(opt.log, StatsLogger) and any(pt for _, pt in opt._step_hooks.values())
     truth = []
     _train(opt, m, 70, nan_at=23, nan_param=m[2].weight,
            on_step=lambda s: truth.append((opt.last_stats.to_dict(),
@@ -130,7 +130,7 @@ def test_flush_is_one_copy_per_batch_and_no_sync_per_step(tmp_path, monkeypatch)
                                     param_names=m.named_parameters())
     N = 8
     lg = StatsLogger(tmp_path / "s.jsonl", flush_every=N).bind(opt)
-    opt._on_step = None  # record by hand below, under the sync counters
+    lg._hook_handle.remove()  # record by hand below, under the sync counters
     calls = []
     real = {}
 

@@ -54,14 +54,15 @@ CUDA graphs
 All state (policy state, running statistics, counters) lives in device tensors updated in
 place, so a step on the folded path (e.g. ``AdamW(fused=True, capturable=True)``) can be
 captured after a few eager warm-up steps. The host-decision path cannot be captured (it
-reads a device value). Python-side hooks (``_on_step``, step hooks) do not run on replay.
+reads a device value). Python-side hooks (step and stats hooks) do not run on replay.
 
 Observability
 =============
 ``opt.last_stats`` is a :class:`StepRecord` of device tensors (``.tensors()`` for loggers,
 ``.to_dict()`` with one sync); ``opt.summary()`` counts steps, skips by reason, clipped and
-non-finite steps with one sync; ``opt._on_step``, when set, is called with the record at
-the end of every step (the telemetry module's hook).
+non-finite steps with one sync; hooks registered with :meth:`StableOptimizer.register_step_hook`
+are called with the record at the end of every step (telemetry is one of them), and
+:meth:`StableOptimizer.register_stats_hook` hooks with the statistics after the pass.
 """
 from __future__ import annotations
 
@@ -75,6 +76,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
 from .. import telemetry
 from ..clip import _check_max_norm, scale_grads_
@@ -284,10 +286,11 @@ class StableOptimizer(Optimizer):
         #: pipeline parallelism: the process group (or 1-D device mesh) across which the
         #: stages' statistics are combined, so every stage takes the same decision.
         self.pp_group = pp_group
-        #: collect per-tensor norms in the statistics pass (telemetry may turn this on).
+        #: collect per-tensor norms in the statistics pass (also on while a step hook
+        #: registered with ``needs_per_tensor=True`` is present).
         self.per_tensor = False
-        #: optional callable ``hook(record)`` run at the end of every step.
-        self._on_step: Optional[Callable[[StepRecord], Any]] = None
+        self._step_hooks: "OrderedDict[int, Tuple[Callable, bool]]" = OrderedDict()
+        self._stats_hooks: "OrderedDict[int, Callable]" = OrderedDict()
         self.last_stats: Optional[StepRecord] = None
         self._ready_key: Optional[Tuple[int, ...]] = None
         self._fold_capable = self._inner_takes_grad_scale(optimizer)
@@ -475,6 +478,51 @@ class StableOptimizer(Optimizer):
                                  f"{name}")
             mine.load_state_dict(saved)
 
+    # ----------------------------------------------------------------------- hooks
+    def register_step_hook(self, hook: Callable[["StableOptimizer", StepRecord], Any], *,
+                           needs_per_tensor: bool = False) -> RemovableHandle:
+        """Call ``hook(optimizer, record)`` at the end of every :meth:`step`.
+
+        ``record`` is the step's :class:`StepRecord` (device tensors: a hook that does not
+        read them on the host costs no sync). Hooks run in registration order, on the host,
+        after the inner optimizer's step; they do not run on CUDA-graph replay.
+
+        Args:
+            hook: the callable.
+            needs_per_tensor: the hook reads ``record.stats.per_tensor_norm``; the
+                statistics pass then computes per-tensor norms while it is registered.
+
+        Returns:
+            a handle whose ``remove()`` unregisters the hook.
+
+        Example::
+
+            >>> seen = []
+            >>> h = opt.register_step_hook(lambda o, rec: seen.append(rec.skipped))
+            >>> h.remove()
+        """
+        if not callable(hook):
+            raise TypeError(f"hook must be callable, got {type(hook).__name__}")
+        handle = RemovableHandle(self._step_hooks)
+        self._step_hooks[handle.id] = (hook, bool(needs_per_tensor))
+        return handle
+
+    def register_stats_hook(self, hook: Callable[["StableOptimizer", GradStats], Any]
+                            ) -> RemovableHandle:
+        """Call ``hook(optimizer, stats)`` after the statistics pass of every :meth:`step`.
+
+        ``stats`` is the step's :class:`gradstats.GradStats` (before the AMP loss scale is
+        divided out), seen before any policy acts. Hooks run in registration order.
+
+        Returns:
+            a handle whose ``remove()`` unregisters the hook.
+        """
+        if not callable(hook):
+            raise TypeError(f"hook must be callable, got {type(hook).__name__}")
+        handle = RemovableHandle(self._stats_hooks)
+        self._stats_hooks[handle.id] = hook
+        return handle
+
     # ----------------------------------------------------------------------- stats
     def summary(self) -> Dict[str, Any]:
         """Counts since construction (or the loaded checkpoint), with one device sync.
@@ -527,8 +575,11 @@ class StableOptimizer(Optimizer):
         The single place where gradients are measured, so that sharded/distributed
         training can substitute a version that reduces the statistics across ranks.
         """
-        st, coef, _ = compute_groups(grads, self.norm_type, per_tensor=self.per_tensor,
+        per_tensor = self.per_tensor or any(pt for _, pt in self._step_hooks.values())
+        st, coef, _ = compute_groups(grads, self.norm_type, per_tensor=per_tensor,
                                      full=True, max_norm=max_norm, pp_group=self.pp_group)
+        for hook in tuple(self._stats_hooks.values()):
+            hook(self, st)
         return st, coef
 
     def _fold_ok(self) -> bool:
@@ -678,8 +729,8 @@ class StableOptimizer(Optimizer):
                 self._host_step(grads, coef, inv_scale)
             if not may_skip or decide_on_host:
                 self._ready_key = n_grads  # the inner step really ran on these grads
-        if self._on_step is not None:
-            self._on_step(record)
+        for hook, _ in tuple(self._step_hooks.values()):
+            hook(self, record)
         return ret
 
     def _const(self, kind: str, dtype: torch.dtype, shape: Tuple[int, ...]) -> Tensor:

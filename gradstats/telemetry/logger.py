@@ -122,6 +122,7 @@ class StatsLogger:
         self._name_of = _names_of(param_names)
         self._groups_src = groups
         self._opt: Any = None
+        self._hook_handle: Any = None
         #: ``records`` (steps recorded), ``d2h_copies`` (device->host copies),
         #: ``writes`` (batches written out), ``syncs`` (event waits).
         self.counters = {"records": 0, "d2h_copies": 0, "writes": 0, "syncs": 0}
@@ -156,17 +157,10 @@ class StatsLogger:
         names = getattr(opt, "param_names", None)
         if names and not self._name_of:
             self._name_of = dict(names)
-        opt.per_tensor = True
-        prev = getattr(opt, "_on_step", None)
-        if prev is not None and getattr(prev, "__self__", None) is self:
-            prev = None
-
-        def hook(record: Any, _prev=prev) -> None:
-            if _prev is not None:
-                _prev(record)
-            self.record(record)
-        hook.__self__ = self  # type: ignore[attr-defined]
-        opt._on_step = hook
+        if self._hook_handle is not None:
+            self._hook_handle.remove()
+        self._hook_handle = opt.register_step_hook(lambda _opt, rec: self.record(rec),
+                                                   needs_per_tensor=True)
         return self
 
     def _group_list(self) -> List[Dict[str, Any]]:
