@@ -29,7 +29,12 @@ _NONFINITE_MSG = (
     "norm anyway, set `error_if_nonfinite=False`")
 
 
-def _check_max_norm(max_norm) -> float:
+def check_max_norm(max_norm: Any) -> float:
+    """``float(max_norm)``, validated: a number >= 0.
+
+    Raises:
+        ValueError: ``max_norm`` is not a number, is negative or NaN.
+    """
     try:
         m = float(max_norm)
     except (TypeError, ValueError):
@@ -143,7 +148,7 @@ def clip_grads_with_norm_(parameters: _TensorOrTensors, max_norm: float, total_n
         >>> total = gradstats.get_total_norm([p.grad for p in model.parameters()])
         >>> gradstats.clip_grads_with_norm_(model.parameters(), 1.0, total)
     """
-    m = _check_max_norm(max_norm)
+    m = check_max_norm(max_norm)
     params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
     grads = grouping.grads_of(params)
     if not grads:
@@ -191,7 +196,7 @@ def clip_grad_norm_(parameters: _TensorOrTensors, max_norm: float, norm_type: fl
         >>> total = gradstats.clip_grad_norm_(model.parameters(), max_norm=1.0)
         >>> optimizer.step()
     """
-    m = _check_max_norm(max_norm)
+    m = check_max_norm(max_norm)
     if isinstance(parameters, Tensor):
         params = [parameters]
     else:

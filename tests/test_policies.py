@@ -90,11 +90,12 @@ def test_zscore_clips_spike_to_reciprocal_target_and_feeds_clipped_norm():
     assert d.info["zclip_target"].item() == pytest.approx(target, rel=1e-5)
     assert d.coef.item() == pytest.approx(target / (g + 1e-6), rel=1e-5)
     assert mu < target < mu + 2.5 * sigma  # the reciprocal rule pulls big spikes back harder
-    # EMA fed with the clipped norm (ZClip): mean_t = a*mu + (1-a)*target
-    new_mu = 0.9 * mu + 0.1 * target
-    assert pol.state["mean"].item() == pytest.approx(new_mu, rel=1e-5)
-    assert pol.state["var"].item() == pytest.approx(0.9 * var + 0.1 * (target - new_mu) ** 2,
-                                                    rel=1e-4)
+    # fed with the clipped norm (ZClip), by the one running-statistics rule
+    # (gradstats.core.running): 5th value, w = max(1/5, 1 - 0.9) = 0.2
+    w = 0.2
+    d_ = target - mu
+    assert pol.state["mean"].item() == pytest.approx(mu + w * d_, rel=1e-5)
+    assert pol.state["var"].item() == pytest.approx((1 - w) * (var + w * d_ * d_), rel=1e-4)
     # a normal step afterwards is not clipped
     (d2,) = feed(pol, [1.0])
     assert d2.coef.item() == 1.0

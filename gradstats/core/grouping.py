@@ -199,6 +199,21 @@ def grads_of(params: List[Any]) -> List[Tensor]:
     return [g for g in map(_GRAD, params) if g is not None]
 
 
+def params_and_grads(params: Any) -> Tuple[List[Tensor], List[Tensor]]:
+    """(the parameters of ``params`` that have a ``.grad``, their gradients), in order.
+
+    One C++ pass when the extension is built and every element is a plain tensor or
+    ``nn.Parameter``; otherwise Python.
+    """
+    fn = _native("params_and_grads")
+    if fn is not None and type(params) is list:
+        out = fn(params)
+        if out is not None:
+            return out
+    ps = [p for p in params if p.grad is not None]
+    return ps, [p.grad for p in ps]
+
+
 def _describe(flat: List[Tensor], sizes: tuple) -> tuple:
     """(devices, key tuple) of the flat tensor list: a few C-level passes, no Python loop."""
     devs = tuple(map(_GET_DEVICE, flat))

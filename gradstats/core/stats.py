@@ -92,7 +92,7 @@ def check_norm_type(norm_type: Any) -> float:
 _NUMEL_CACHE: Dict[tuple, Tensor] = {}
 
 
-def _numel_tensor(groups: List[List[Tensor]], slices: List[DeviceSlice],
+def numel_tensor(groups: List[List[Tensor]], slices: List[DeviceSlice],
                   device: torch.device) -> Tensor:
     key = (device, slices[0].key if len(slices) == 1 else tuple(s.key for s in slices))
     t = _NUMEL_CACHE.get(key)
@@ -146,10 +146,10 @@ def compute_groups(groups: List[List[Tensor]], norm_type: float = 2.0, per_tenso
         parts = registry.select(s, norm_type, backend).compute(s, norm_type, per_tensor, full,
                                                                 max_norm)
         fin = parts.final or finalize(parts, norm_type, per_tensor)
-        numel = _numel_tensor(groups, slices, s.device)
+        numel = numel_tensor(groups, slices, s.device)
     else:
         fin = _multi_device(slices, len(flat), norm_type, per_tensor, backend, full)
-        numel = _numel_tensor(groups, slices, slices[0].device)
+        numel = numel_tensor(groups, slices, slices[0].device)
     return _result(fin, numel, per_tensor, norm_type, max_norm, slices)
 
 

@@ -1,14 +1,18 @@
 """``StableOptimizer``: wrap any ``torch.optim.Optimizer`` with fused gradient statistics,
 clipping policies and lossless step skipping.
 
-How a step runs
-===============
-1. One fused statistics pass over every gradient of every group (``gradstats.core.stats``):
-   per-group norms, max-abs, NaN/Inf counts.
-2. On the device: running statistics of each group's norm (EMA mean/variance with a
-   warm-up), the skip decision (non-finite gradients or loss when ``skip_nonfinite``; AMP
-   overflow; outliers when ``spike`` is set), the clipping policy's coefficient.
-3. The inner optimizer's step, in one of two ways:
+How a step runs: gather -> measure -> decide -> record -> apply
+===============================================================
+1. *gather*: the parameters that have gradients, per group; the AMP state; the loss.
+2. *measure*: one fused statistics pass over every gradient of every group
+   (:mod:`gradstats.core.stats`): per-group norms, max-abs, NaN/Inf counts.
+3. *decide*, on the device: the decision program (:mod:`gradstats.policies.program`) —
+   skip on NaN/Inf (AMP overflow included), the spike rule, the clipping policy, the
+   running statistics of each group's norm (:mod:`gradstats.core.running`), the step
+   counters. Built-in rules run inside the finalize kernel of the statistics pass where the
+   backend can (one launch); the rest runs as torch code (:mod:`gradstats.optim.measure`).
+4. *record*: a :class:`StepRecord` of device tensors (no copies) and the step hooks.
+5. *apply*: the inner optimizer's step (:mod:`gradstats.optim.apply`), in one of two ways:
 
    * **Folded** (torch's ``fused=True`` Adam, AdamW, SGD, Adagrad and any optimizer that
      declares ``_step_supports_amp_scaling`` and reads ``self.grad_scale`` /
@@ -25,9 +29,12 @@ How a step runs
      that exit early) and the inner step runs.
 
    A skipped step never multiplies anything by zero: parameters and every optimizer state
-   tensor stay bit-identical. Until the inner optimizer has taken one real step on the
-   current set of gradients, the folded path also decides on the host, so a skipped first
-   step cannot create (uninitialised) optimizer state.
+   tensor stay bit-identical. The folded path also decides on the host (one read) whenever
+   some parameter with a gradient has never been stepped by the inner optimizer (decided
+   by parameter identity: new parameters, a different subset with gradients as in MoE or
+   partly frozen models, after ``load_state_dict``), so a skipped step can never create
+   optimizer state (fused SGD would store an uninitialised momentum buffer, fused Adam
+   zero moments).
 
 Exactness: on the host-decision path, ``max_norm=x`` gives bit for bit what
 ``torch.nn.utils.clip_grads_with_norm_`` at the measured norm followed by the inner step
@@ -67,10 +74,7 @@ are called with the record at the end of every step (telemetry is one of them), 
 from __future__ import annotations
 
 import math
-
-import inspect
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -79,112 +83,22 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from .. import telemetry
-from ..clip import _check_max_norm, scale_grads_
+from ..clip import check_max_norm
 from ..core import grouping
-from ..core.stats import GradStats, check_norm_type, compute_groups
-from ..policies import Decision, FixedNorm, Policy, SpikeSkip, StepContext, as_policy
+from ..core.cache import device_tensor
+from ..core.running import DEFAULT_ALPHA
+from ..core.stats import GradStats, check_norm_type
+from ..policies import FixedNorm, Policy, SkipNonFinite, SpikeSkip, as_policy
+from ..policies.chain import flatten
+from ..policies.program import COUNTER_NAMES, Program
+from . import amp
+from .apply import folded_step, host_step, needs_closure, takes_grad_scale
+from .measure import StepResult, measure_decide
+from .record import StepRecord
 
 __all__ = ["StableOptimizer", "StepRecord"]
 
 _F32 = torch.float32
-_COUNTER_NAMES = ("steps", "skipped", "skipped_nonfinite", "skipped_spike", "clipped",
-                  "nonfinite")
-
-
-@dataclass
-class StepRecord:
-    """What the last :meth:`StableOptimizer.step` measured and did, as device tensors.
-
-    Attributes:
-        stats: the step's :class:`gradstats.GradStats` (true scale: AMP scale divided out).
-        clip_coef: float32 ``[G]``, factor applied to each group's gradients (1: untouched).
-        clipped: bool ``[G]``, groups whose gradients were clipped.
-        skipped: bool 0-dim, the optimizer step was skipped.
-        skipped_nonfinite: bool 0-dim, skipped for non-finite gradients/loss/AMP overflow.
-        skipped_spike: bool 0-dim, skipped by a policy (spike), gradients finite.
-        nonfinite: bool 0-dim, some gradient (or the loss) was NaN/Inf this step.
-        running_mean: float32 ``[G]``, running mean of each group's norm (before this
-            step; computed on access from ``running``).
-        running_std: float32 ``[G]``, running standard deviation (before this step).
-        zscore: float32 ``[G]``, ``(norm - running_mean) / running_std`` (0 until a group
-            has two recorded steps).
-        running: float32 ``[3, G]``, (mean, variance, count) before this step.
-        step: int64 0-dim, number of ``step()`` calls so far, this one included.
-        loss: the loss given to ``step`` (0-dim float32) or ``None``.
-        loss_scale: the AMP loss scale of the step, or ``None``.
-        info: policy extras (``zscore``, ``zclip_target``, ``quantile_threshold``, ...).
-        params: per group, the parameters that had a gradient (host objects, in the
-            order of ``stats.per_tensor_norm``).
-    """
-
-    stats: GradStats
-    clip_coef: Tensor
-    clipped: Tensor
-    skipped: Tensor
-    skipped_nonfinite: Tensor
-    skipped_spike: Tensor
-    nonfinite: Tensor
-    running: Tensor
-    step: Tensor
-    loss: Optional[Tensor] = None
-    loss_scale: Optional[Tensor] = None
-    info: Dict[str, Tensor] = field(default_factory=dict)
-    params: List[List[Tensor]] = field(default_factory=list, repr=False)
-
-    @property
-    def running_mean(self) -> Tensor:
-        return self.running[0]
-
-    @property
-    def running_std(self) -> Tensor:
-        return self.running[1].clamp_min(0).sqrt()
-
-    @property
-    def zscore(self) -> Tensor:
-        mean, var, n = self.running[0], self.running[1], self.running[2]
-        z = (self.stats.norm - mean) / var.clamp_min(0).sqrt().clamp_min(1e-12)
-        return torch.where(n >= 2, z, torch.zeros_like(z))
-
-    def tensors(self) -> Dict[str, Tensor]:
-        """Every device tensor of the record by name (for loggers; no sync)."""
-        out = {
-            "norm": self.stats.norm, "total_norm": self.stats.total_norm,
-            "max_abs": self.stats.max_abs, "nonfinite_count": self.stats.nonfinite,
-            "numel": self.stats.numel, "clip_coef": self.clip_coef, "clipped": self.clipped,
-            "skipped": self.skipped, "skipped_nonfinite": self.skipped_nonfinite,
-            "skipped_spike": self.skipped_spike, "nonfinite": self.nonfinite,
-            "running_mean": self.running_mean, "running_std": self.running_std,
-            "zscore": self.zscore, "step": self.step,
-        }
-        if self.stats.per_tensor_norm is not None:
-            out["per_tensor_norm"] = self.stats.per_tensor_norm
-        if self.loss is not None:
-            out["loss"] = self.loss
-        if self.loss_scale is not None:
-            out["loss_scale"] = self.loss_scale
-        for k, v in self.info.items():
-            out.setdefault(k, v)
-        return out
-
-    def to_dict(self) -> Dict[str, Any]:
-        """Everything as plain Python values, with one device->host transfer."""
-        ts = {k: v for k, v in self.tensors().items() if isinstance(v, Tensor)}
-        dev = self.stats.norm.device
-        flat = [v.detach().reshape(-1).to(dev, torch.float64) for v in ts.values()]
-        vals = torch.cat(flat).cpu().tolist() if flat else []
-        out: Dict[str, Any] = {}
-        off = 0
-        for (k, v) in ts.items():
-            n = v.numel()
-            chunk = vals[off:off + n]
-            off += n
-            if v.dtype == torch.bool:
-                chunk = [bool(x) for x in chunk]
-            elif not v.is_floating_point():
-                chunk = [int(x) for x in chunk]
-            out[k] = chunk[0] if v.dim() == 0 else chunk
-        out["norm_type"] = self.stats.norm_type
-        return out
 
 
 class StableOptimizer(Optimizer):
@@ -203,13 +117,15 @@ class StableOptimizer(Optimizer):
     the module docstring for how skipping works per optimizer kind and for AMP.
 
     Host synchronisation: none for optimizers that take ``grad_scale``/``found_inf``
-    (``torch.optim.Adam/AdamW/SGD/Adagrad(fused=True)``), after the first step. For every
-    other optimizer exactly one scalar device->host read per step, and only when a step
-    can be skipped (``skip_nonfinite=True``, a skipping policy or AMP); with
-    ``skip_nonfinite=False`` and a clipping-only policy there is none.
+    (``torch.optim.Adam/AdamW/SGD/Adagrad(fused=True)``) once every parameter with a
+    gradient has been stepped. For every other optimizer exactly one scalar device->host
+    read per step, and only when a step can be skipped (``skip_nonfinite=True``, a
+    skipping policy or AMP); with ``skip_nonfinite=False`` and a clipping-only policy
+    there is none.
 
     Args:
-        optimizer: the optimizer to wrap.
+        optimizer: the optimizer to wrap. Optimizers whose ``step`` needs a closure to
+            re-evaluate the model several times (``torch.optim.LBFGS``) are refused.
         max_norm: clip the global norm exactly like
             ``torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)``
             (shorthand for ``policy=FixedNorm(max_norm)``).
@@ -224,18 +140,20 @@ class StableOptimizer(Optimizer):
             telemetry and diagnosis.
         log: record every step in a stats log: a path (JSON Lines; ``.csv`` for CSV), a
             writer or a :class:`gradstats.telemetry.StatsLogger`. :attr:`log` is then the
-            logger (per-tensor norms are turned on to name non-finite tensors); call
-            ``opt.log.close()`` at the end. See :mod:`gradstats.telemetry`.
+            logger; call ``opt.log.close()`` at the end. See :mod:`gradstats.telemetry`.
         grad_scaler: a ``torch.amp.GradScaler`` whose loss-scale division is folded into
             the step (see "AMP" in the module docstring).
         pp_group: pipeline parallelism: the process group (or 1-D device mesh) across
             which the stages' statistics are combined (every stage must step on every
             iteration, with the same number of parameter groups). DTensor gradients need
             nothing: they are reduced across their mesh anyway.
+        backend: force a statistics backend (``"triton"``, ``"native"``, ``"torch"``);
+            default: the best one that can run (see :func:`gradstats.grad_stats`).
 
     Raises:
         TypeError: ``optimizer`` is not a ``torch.optim.Optimizer`` (or is already a
-            ``StableOptimizer``), or ``policy``/``spike`` is not a policy.
+            ``StableOptimizer``, or needs a closure), or ``policy``/``spike`` is not a
+            policy.
         ValueError: both ``max_norm`` and ``policy``; invalid ``max_norm`` or
             ``norm_type``.
 
@@ -248,26 +166,33 @@ class StableOptimizer(Optimizer):
         >>> opt.summary()   # one sync
     """
 
-    #: EMA factor of the running statistics of each group's norm. They are the plain
-    #: sample mean/variance of the norms seen so far during the first ``1/(1-alpha)``
-    #: recorded steps (the warm-up), then exponential moving averages.
-    running_alpha: float = 0.97
+    #: EMA factor of the running statistics of each group's norm (the one rule of
+    #: :mod:`gradstats.core.running`: exact sample statistics during the first
+    #: ``1/(1-alpha)`` recorded steps, then an EMA).
+    running_alpha: float = DEFAULT_ALPHA
 
     def __init__(self, optimizer: Optimizer, max_norm: Optional[float] = None, *,
                  norm_type: float = 2.0, policy: Any = None, skip_nonfinite: bool = True,
                  spike: Any = None, param_names: Any = None, log: Any = None,
-                 grad_scaler: Any = None, pp_group: Any = None) -> None:
+                 grad_scaler: Any = None, pp_group: Any = None,
+                 backend: Optional[str] = None) -> None:
         if isinstance(optimizer, StableOptimizer):
             raise TypeError("optimizer is already a StableOptimizer; wrap the inner "
                             "optimizer once")
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
+        if needs_closure(optimizer):
+            raise TypeError(
+                f"optimizer: {type(optimizer).__name__}.step(closure) re-evaluates the model "
+                "several times inside one step, so its gradients cannot be measured, "
+                "clipped or skipped before the step; StableOptimizer cannot wrap it (use "
+                "gradstats.grad_stats / clip_grad_norm_ inside your closure instead)")
         if max_norm is not None and policy is not None:
             raise ValueError("pass either max_norm or policy, not both (max_norm=x is "
                              "policy=gradstats.policies.FixedNorm(x))")
         if max_norm is not None:
-            policy = FixedNorm(_check_max_norm(max_norm))
+            policy = FixedNorm(check_max_norm(max_norm))
         if spike is True:
             spike = SpikeSkip()
         elif spike is False:
@@ -279,21 +204,24 @@ class StableOptimizer(Optimizer):
         self.skip_nonfinite = bool(skip_nonfinite)
         self.log = log
         self.param_names: Dict[int, str] = self._names(param_names)
-        if grad_scaler is not None and not hasattr(grad_scaler, "_per_optimizer_states"):
-            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got "
-                            f"{type(grad_scaler).__name__}")
-        self.grad_scaler = grad_scaler
+        self.grad_scaler = amp.check_grad_scaler(grad_scaler)
         #: pipeline parallelism: the process group (or 1-D device mesh) across which the
         #: stages' statistics are combined, so every stage takes the same decision.
         self.pp_group = pp_group
+        self.backend = backend
         #: collect per-tensor norms in the statistics pass (also on while a step hook
         #: registered with ``needs_per_tensor=True`` is present).
         self.per_tensor = False
         self._step_hooks: "OrderedDict[int, Tuple[Callable, bool]]" = OrderedDict()
         self._stats_hooks: "OrderedDict[int, Callable]" = OrderedDict()
         self.last_stats: Optional[StepRecord] = None
-        self._ready_key: Optional[Tuple[int, ...]] = None
-        self._fold_capable = self._inner_takes_grad_scale(optimizer)
+        # parameter identities the inner optimizer has really stepped (see _apply)
+        self._stepped: set = set()
+        self._ready_ids: Optional[Tuple[int, ...]] = None
+        self._fold_capable = takes_grad_scale(optimizer)
+        self._program: Optional[Program] = None
+        self._program_key: Any = None
+        self._has_grads: Dict[Tuple[int, ...], Optional[Tensor]] = {}
 
         # Optimizer plumbing, without Optimizer.__init__ (it would copy the groups).
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -306,8 +234,7 @@ class StableOptimizer(Optimizer):
         # GradScaler.step() hands us grad_scale/found_inf instead of syncing on found_inf.
         self._step_supports_amp_scaling = True
 
-        self._device = self._param_device()
-        self._init_own_state(len(self.param_groups), self._device)
+        self._program_for(len(self.param_groups), self._param_device())
         if log is not None:
             self.log = telemetry.attach(self, log)
 
@@ -378,47 +305,41 @@ class StableOptimizer(Optimizer):
         """The name given for ``p`` in ``param_names`` (``None`` if unknown)."""
         return self.param_names.get(id(p))
 
-    @staticmethod
-    def _inner_takes_grad_scale(opt: Optimizer) -> bool:
-        if not getattr(opt, "_step_supports_amp_scaling", False):
-            return False
-        try:
-            sig = inspect.signature(opt.step)
-        except (TypeError, ValueError):
-            return False
-        # old contract: step(grad_scaler=...) — not the grad_scale/found_inf attributes
-        return "grad_scaler" not in sig.parameters
-
     def _param_device(self) -> torch.device:
         for g in self.param_groups:
             for p in g["params"]:
                 return p.device
         return torch.device("cpu")
 
-    def _init_own_state(self, G: int, device: torch.device) -> None:
-        self._counters = torch.zeros(len(_COUNTER_NAMES), dtype=torch.int64, device=device)
-        # running statistics of each group's norm: rows mean, variance, count
-        self._running = torch.zeros(3, G, dtype=_F32, device=device)
-        self._consts: Dict[Any, Tensor] = {}
-        for p in (self.spike, self.policy):
-            if p is not None:
-                p.ensure_state(G, device)
+    def _chain(self) -> List[Policy]:
+        """The decision chain: skip on NaN/Inf first, then ``spike``, then ``policy``."""
+        return ([SkipNonFinite(any_nonfinite=self.skip_nonfinite)] + flatten(self.spike)
+                + flatten(self.policy))
 
-    def _follow(self, G: int, device: torch.device) -> None:
-        """Move/resize the wrapper's state (host-side metadata checks only)."""
-        if device != self._device:
-            self._counters = self._counters.to(device)
-            self._running = self._running.to(device)
-            self._consts = {}
-            self._device = device
-        if G != self._running.shape[1]:
-            new = torch.zeros(3, G, dtype=_F32, device=device)
-            k = min(G, self._running.shape[1])
-            new[:, :k] = self._running[:, :k]
-            self._running = new
-        for p in (self.spike, self.policy):
-            if p is not None:
-                p.ensure_state(G, device)
+    def _program_for(self, G: int, device: torch.device) -> Program:
+        """The compiled decision program for ``G`` groups on ``device`` (rebuilt only when
+        the group count, the device or the policies change: host metadata checks)."""
+        key = (G, device, id(self.spike), id(self.policy), self.skip_nonfinite)
+        prog = self._program
+        if prog is not None and self._program_key == key:
+            return prog
+        chain = self._chain()
+        if prog is not None and self._program_key[2:] == key[2:]:
+            chain[0] = prog.policies[0]  # keep the SkipNonFinite object
+        self._program = Program(chain, G, device, self.running_alpha, old=prog)
+        self._program_key = key
+        self._has_grads = {}
+        return self._program
+
+    @property
+    def _counters(self) -> Tensor:
+        """int64 [6] step counters (``COUNTER_NAMES``), on the state device."""
+        return self._program.counters
+
+    @property
+    def _running(self) -> Tensor:
+        """float32 [3, G] running (mean, variance, count) of each group's norm."""
+        return self._program.running
 
     # ----------------------------------------------------------------- optimizer API
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -428,9 +349,9 @@ class StableOptimizer(Optimizer):
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add a group to the inner optimizer; per-group statistics grow with it."""
         self.optimizer.add_param_group(param_group)
-        self._fold_capable = self._inner_takes_grad_scale(self.optimizer)
-        self._ready_key = None
-        self._follow(len(self.param_groups), self._device)
+        self._fold_capable = takes_grad_scale(self.optimizer)
+        self._ready_ids = None
+        self._program_for(len(self.param_groups), self._program.device)
 
     def state_dict(self) -> Dict[str, Any]:
         """The inner optimizer's state dict plus ``"stable_optimizer"``: the wrapper's state
@@ -448,35 +369,48 @@ class StableOptimizer(Optimizer):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a dict from :meth:`state_dict` (or a plain inner-optimizer state dict).
 
+        Everything is checked before anything is changed.
+
         Raises:
-            ValueError: the saved wrapper state does not fit this wrapper's policies.
+            ValueError: the saved wrapper state does not fit this wrapper's policies (the
+                message names the policy and the field).
         """
         sd = dict(state_dict)
         own = sd.pop("stable_optimizer", None)
+        if own is not None:
+            for name in ("policy", "spike"):
+                saved = own.get(name)
+                if saved is not None and getattr(self, name) is None:
+                    raise ValueError(f"the state dict holds {name} state "
+                                     f"({saved.get('type')}) but this StableOptimizer has no "
+                                     f"{name}")
+            self._check_policy_state(own)
         self.optimizer.load_state_dict(sd)
-        self._ready_key = None
+        self._ready_ids = None
+        self._stepped = set()
         if own is None:
             return
-        dev = self._device
-
-        def put(cur: Tensor, new: Tensor) -> Tensor:
-            new = new.to(dev)
-            if cur.shape == new.shape and cur.dtype == new.dtype:
-                cur.copy_(new)
-                return cur
-            return new.clone()
-        self._counters = put(self._counters, own["counters"])
-        self._running = put(self._running, own["running"])
+        prog = self._program
+        run = own["running"].to(prog.device)
+        k = min(run.shape[1], prog.G)
+        prog.running[:, :k].copy_(run[:, :k])
+        prog.counters.copy_(own["counters"].to(prog.device))
         for name in ("policy", "spike"):
-            mine: Optional[Policy] = getattr(self, name)
             saved = own.get(name)
-            if saved is None:
+            if saved is not None:
+                getattr(self, name).load_state_dict(saved)
+
+    def _check_policy_state(self, own: Dict[str, Any]) -> None:
+        """Load each saved policy state into a throw-away copy first: raises before any
+        state of this optimizer changes."""
+        import copy
+        for name in ("policy", "spike"):
+            saved = own.get(name)
+            mine = getattr(self, name)
+            if saved is None or mine is None:
                 continue
-            if mine is None:
-                raise ValueError(f"the state dict holds {name} state "
-                                 f"({saved.get('type')}) but this StableOptimizer has no "
-                                 f"{name}")
-            mine.load_state_dict(saved)
+            probe = copy.deepcopy(mine)
+            probe.load_state_dict(saved)
 
     # ----------------------------------------------------------------------- hooks
     def register_step_hook(self, hook: Callable[["StableOptimizer", StepRecord], Any], *,
@@ -495,6 +429,9 @@ class StableOptimizer(Optimizer):
         Returns:
             a handle whose ``remove()`` unregisters the hook.
 
+        Raises:
+            TypeError: ``hook`` is not callable.
+
         Example::
 
             >>> seen = []
@@ -511,11 +448,16 @@ class StableOptimizer(Optimizer):
                             ) -> RemovableHandle:
         """Call ``hook(optimizer, stats)`` after the statistics pass of every :meth:`step`.
 
-        ``stats`` is the step's :class:`gradstats.GradStats` (before the AMP loss scale is
-        divided out), seen before any policy acts. Hooks run in registration order.
+        ``stats`` is the step's :class:`gradstats.GradStats` as measured (before the AMP
+        loss scale is divided out), seen before any policy acts. Hooks run in registration
+        order. While a stats hook is registered the decision runs after the statistics
+        pass instead of inside its finalize kernel.
 
         Returns:
             a handle whose ``remove()`` unregisters the hook.
+
+        Raises:
+            TypeError: ``hook`` is not callable.
         """
         if not callable(hook):
             raise TypeError(f"hook must be callable, got {type(hook).__name__}")
@@ -532,301 +474,146 @@ class StableOptimizer(Optimizer):
             "clipped", "nonfinite"}``: ``clipped`` counts steps taken with some group
             clipped; ``nonfinite`` counts steps that saw NaN/Inf (skipped or not).
         """
-        c = dict(zip(_COUNTER_NAMES, self._counters.tolist()))
+        c = dict(zip(COUNTER_NAMES, self._counters.tolist()))
         return {"steps": c["steps"], "skipped": c["skipped"],
                 "skipped_by_reason": {"nonfinite": c["skipped_nonfinite"],
                                       "spike": c["skipped_spike"]},
                 "clipped": c["clipped"], "nonfinite": c["nonfinite"]}
 
     # ------------------------------------------------------------------------ step
-    def _collect(self) -> Tuple[List[List[Tensor]], List[List[Tensor]]]:
-        params, grads = [], []
-        for group in self.param_groups:
-            ps = [p for p in group["params"] if p.grad is not None]
-            params.append(ps)
-            grads.append([p.grad for p in ps])
-        return params, grads
-
-    def _amp_inputs(self) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[dict]]:
-        """(loss scale to divide out or None, found_inf or None, scaler state to fill)."""
-        d = self.__dict__
-        if "grad_scale" in d or "found_inf" in d:  # set by GradScaler.step(self)
-            return d.get("grad_scale"), d.get("found_inf"), None
-        sc = self.grad_scaler
-        if sc is None or not sc.is_enabled():
-            return None, None, None
-        from torch.amp.grad_scaler import OptState
-        st = sc._per_optimizer_states[id(self)]
-        if st["stage"] is OptState.STEPPED:
-            raise RuntimeError("step() has already been called since the last "
-                               "grad_scaler.update()")
-        if st["stage"] is OptState.UNSCALED:  # the user called scaler.unscale_(opt)
-            fis = list(st["found_inf_per_device"].values())
-            return None, (sum(f.to(fis[0].device) for f in fis) if fis else None), st
-        if getattr(sc, "_scale", None) is None:
-            raise RuntimeError("grad_scaler has no scale yet: call grad_scaler.scale(loss)"
-                               ".backward() before step()")
-        return sc._scale, None, st
-
-    def _measure(self, grads: List[List[Tensor]],
-                 max_norm: Optional[float]) -> Tuple[GradStats, Optional[Tensor]]:
-        """The statistics pass: ``(GradStats, torch's clip coefficient or None)``.
-
-        The single place where gradients are measured, so that sharded/distributed
-        training can substitute a version that reduces the statistics across ranks.
-        """
-        per_tensor = self.per_tensor or any(pt for _, pt in self._step_hooks.values())
-        st, coef, _ = compute_groups(grads, self.norm_type, per_tensor=per_tensor,
-                                     full=True, max_norm=max_norm, pp_group=self.pp_group)
-        for hook in tuple(self._stats_hooks.values()):
-            hook(self, st)
-        return st, coef
-
-    def _fold_ok(self) -> bool:
-        if not self._fold_capable:
-            return False
-        return all(g.get("fused", True) for g in self.param_groups)
-
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None, *,  # type: ignore[override]
              loss: Optional[Any] = None) -> Any:
-        """One optimizer step: statistics, policies, skip decision, inner step.
+        """One optimizer step: gather -> measure -> decide -> record -> apply.
 
         Args:
-            closure: re-evaluates the model and returns the loss (run with grad enabled).
+            closure: re-evaluates the model and returns the loss (run with grad enabled,
+                once, before the statistics are measured).
             loss: the step's loss, a 0-dim tensor (or float), for ``SpikeSkip(on=("loss",))``
                 and the non-finite check; defaults to the closure's return value.
 
         Returns:
             the closure's return value, or ``None``.
+
+        Raises:
+            ValueError: a policy watches the loss and none was given (raised before any
+                state changes).
         """
+        prog = self._program
+        if loss is None and closure is None and prog.needs_loss:
+            raise ValueError("a policy watches the loss (SpikeSkip(on=('loss', ...))): call "
+                             "step(loss=loss) or step(closure)")
         ret = None
         if closure is not None:
             with torch.enable_grad():
                 ret = closure()
             if loss is None and isinstance(ret, Tensor):
                 loss = ret
-        if loss is None and any(p is not None and p.needs_loss
-                                for p in (self.spike, self.policy)):
-            raise ValueError("a policy watches the loss (SpikeSkip(on=('loss', ...))): call "
-                             "step(loss=loss) or step(closure)")
-        amp_scale, amp_found, scaler_state = self._amp_inputs()
-        params, grads = self._collect()
-        n_grads = tuple(len(g) for g in grads)
-        G = len(grads)
-        if sum(n_grads) == 0:  # nothing to measure: behave like the inner optimizer
+            if loss is None and prog.needs_loss:
+                raise ValueError("a policy watches the loss (SpikeSkip(on=('loss', ...))): "
+                                 "the closure must return the loss tensor")
+        # ---- gather
+        amp_scale, amp_found, scaler_state = amp.amp_inputs(self, self.grad_scaler)
+        params, grads, n_grads = self._gather()
+        if not any(n_grads):  # nothing to measure: behave like the inner optimizer
             self._counters[0].add_(1)
             self.optimizer.step()
             return ret
-
-        # a global FixedNorm's coefficient comes out of the statistics pass itself
-        pol = self.policy
-        fixed = type(pol) is FixedNorm and not pol.per_group and amp_scale is None
-        st, coef = self._measure(grads, pol.max_norm if fixed else None)
-        dev = st.norm.device
-        self._follow(G, dev)
-
-        # true-scale statistics when the AMP loss scale is still in the gradients
-        inv_scale = None
-        if amp_scale is not None:
-            amp_scale = amp_scale.to(dev)
-            inv_scale = amp_scale.double().reciprocal().float()
-            st = GradStats(norm=st.norm * inv_scale, total_norm=st.total_norm * inv_scale,
-                           max_abs=None if st.max_abs is None else st.max_abs * inv_scale,
-                           nonfinite=st.nonfinite, numel=st.numel,
-                           per_tensor_norm=(None if st.per_tensor_norm is None
-                                            else st.per_tensor_norm * inv_scale),
-                           norm_type=st.norm_type)
-        loss_t = None
-        if loss is not None:
-            if isinstance(loss, Tensor):
-                loss_t = loss.detach().to(dev, _F32).reshape(())
-            else:  # a Python number: a fill kernel, no host->device copy
-                loss_t = torch.full((), float(loss), dtype=_F32, device=dev)
-
-        # ---- skip decision (device) --------------------------------------------------
-        # The total norm is NaN/Inf exactly when some gradient element is (the
-        # statistics' propagation rule) or the sum overflows: one test covers all.
-        finite = st.total_norm < math.inf  # a norm is >= 0 or NaN: one kernel, not isfinite's 4
-        if loss_t is not None:
-            finite = finite & torch.isfinite(loss_t)
-        amp_bad = None
-        if amp_found is not None:
-            amp_bad = amp_found.to(dev) > 0
-            finite = finite & ~amp_bad
-        nonfinite = ~finite
-        if self.skip_nonfinite or amp_scale is not None:
-            # with a loss scale still in the gradients, NaN/Inf means overflow: always skip
-            skip_nf = nonfinite
-        elif amp_bad is not None:  # AMP overflow must never reach the weights
-            skip_nf = amp_bad
-        else:
-            skip_nf = self._const("false", torch.bool, ())
-        may_skip = (self.skip_nonfinite or amp_bad is not None or amp_scale is not None
-                    or any(p is not None and p.may_skip for p in (self.spike, pol)))
-
-        ctx = StepContext(norm=st.norm, total_norm=st.total_norm, norm_type=self.norm_type,
-                          finite=finite, skip=skip_nf, params=params, grads=grads,
-                          grad_factor=inv_scale, loss=loss_t)
-        clipped_g: Optional[Tensor] = None
-        info: Dict[str, Tensor] = {}
-        policy_skip: Optional[Tensor] = None
-        for p in (self.spike, None if fixed else pol):
-            if p is None:
-                continue
-            d: Decision = p.update(ctx)
-            if d.skip is not None:
-                policy_skip = d.skip if policy_skip is None else policy_skip | d.skip
-                ctx.skip = ctx.skip | d.skip
-            if d.coef is not None:
-                coef = d.coef if coef is None else coef * d.coef
-            if d.clipped is not None:
-                clipped_g = d.clipped if clipped_g is None else clipped_g | d.clipped
-            info.update(d.info)
-        skip = ctx.skip
-        taken = ~skip
-        skip_spike = (policy_skip & ~skip_nf) if policy_skip is not None \
-            else self._const("false", torch.bool, ())
-
-        # ---- running statistics of each group's norm ----------------------------------
-        run_before = self._running.clone()
-        self._update_running(st.norm, taken, n_grads)
-
-        # ---- bookkeeping -----------------------------------------------------------
-        if coef is None:
-            coef_g = self._const("ones", _F32, (G,))
-            clipped = self._const("false", torch.bool, (G,))
-        else:
-            coef_g = coef.expand(G)
-            clipped = (coef_g < 1) & taken
-        if clipped_g is not None:
-            clipped = clipped | (clipped_g & taken)
-        clipped_any = clipped.any() if G > 1 else clipped.reshape(())
-        self._counters.add_(torch.stack([
-            self._const("true", torch.bool, ()), skip, skip_nf, skip_spike, clipped_any,
-            nonfinite]))
-        record = StepRecord(stats=st, clip_coef=coef_g, clipped=clipped, skipped=skip,
-                            skipped_nonfinite=skip_nf, skipped_spike=skip_spike,
-                            nonfinite=nonfinite, running=run_before,
-                            step=self._counters[0].clone(), loss=loss_t,
-                            loss_scale=amp_scale, info=info, params=params)
+        dev = grads[next(i for i, n in enumerate(n_grads) if n)][0].device
+        prog = self._program_for(len(grads), dev)
+        loss_t = self._loss_tensor(loss, dev)
+        amp_scale = None if amp_scale is None else amp_scale.to(dev)
+        # ---- measure + decide
+        res = measure_decide(
+            prog, params, grads, norm_type=self.norm_type,
+            per_tensor=self.per_tensor or any(pt for _, pt in self._step_hooks.values()),
+            loss=loss_t, amp_scale=amp_scale, amp_found=amp_found,
+            has_grads=self._has_grads_mask(n_grads, dev), pp_group=self.pp_group,
+            backend=self.backend, stats_hooks=tuple(self._stats_hooks.values()), opt=self)
+        # ---- record
+        record = StepRecord(res.fields, res.stats_src, loss=loss_t, loss_scale=amp_scale,
+                            params=params, norm_type=self.norm_type,
+                            info_names=prog.info_names, info=res.info)
         self.last_stats = record
-
-        # ---- the inner step ------------------------------------------------------------
-        fold = self._fold_ok()
-        decide_on_host = may_skip and (not fold or self._ready_key != n_grads)
-        if decide_on_host:
-            skipped_host = bool(skip)  # the one documented device->host read
-        else:
-            skipped_host = False
+        # ---- apply
         if scaler_state is not None:
-            self._report_to_scaler(scaler_state, nonfinite if amp_scale is not None else None)
-        if not skipped_host:
-            if fold:
-                self._folded_step(grads, coef, amp_scale,
-                                  skip if (may_skip and not decide_on_host) else None)
-            else:
-                self._host_step(grads, coef, inv_scale)
-            if not may_skip or decide_on_host:
-                self._ready_key = n_grads  # the inner step really ran on these grads
+            amp.report_to_scaler(scaler_state,
+                                 res.fields.get("nonfinite") if amp_scale is not None else None)
+        self._apply(prog, res, params, grads, amp_scale, amp_found)
         for hook, _ in tuple(self._step_hooks.values()):
             hook(self, record)
         return ret
 
-    def _const(self, kind: str, dtype: torch.dtype, shape: Tuple[int, ...]) -> Tensor:
-        """Cached read-only constants on the state device (never written to)."""
-        key = (kind, dtype, shape)
-        t = self._consts.get(key)
-        if t is None:
-            val = {"false": 0, "true": 1, "ones": 1}[kind]
-            t = torch.full(shape, val, dtype=dtype, device=self._device)
-            self._consts[key] = t
-        return t
+    # ------------------------------------------------------------------ stages
+    def _gather(self) -> Tuple[List[List[Tensor]], List[List[Tensor]], Tuple[int, ...]]:
+        """(params with a gradient, their gradients, count per group) — one C++ pass per
+        group when the extension is built."""
+        params, grads = [], []
+        for group in self.param_groups:
+            ps, gs = grouping.params_and_grads(group["params"])
+            params.append(ps)
+            grads.append(gs)
+        return params, grads, tuple(map(len, grads))
 
-    def _update_running(self, norm: Tensor, taken: Tensor, n_grads: Tuple[int, ...]) -> None:
-        """Running mean/variance of each group's norm, in place (few small kernels).
+    @staticmethod
+    def _loss_tensor(loss: Any, dev: torch.device) -> Optional[Tensor]:
+        if loss is None:
+            return None
+        if isinstance(loss, Tensor):
+            return loss.detach().to(dev, _F32).reshape(())
+        return torch.full((), float(loss), dtype=_F32, device=dev)  # a fill, no copy
 
-        Exponentially weighted incremental form (West 1979; Finch 2009) with weight
-        ``w = max(1/n, 1 - alpha)``: the exact sample mean and (population) variance while
-        ``n < 1/(1-alpha)``, an EMA with factor ``alpha`` afterwards. Groups without
-        gradients, skipped steps and non-finite norms are not recorded.
-        """
-        R = self._running
-        mean, var, n = R[0], R[1], R[2]
-        valid = taken & (norm < math.inf)  # norms are >= 0 or NaN
-        if 0 in n_grads:
-            key = ("has_grads", n_grads)
-            m = self._consts.get(key)
-            if m is None:
-                m = torch.zeros(len(n_grads), dtype=torch.bool, device=self._device)
-                for g, k in enumerate(n_grads):
-                    if k:
-                        m[g] = True  # a fill kernel: no host->device copy
-                self._consts[key] = m
-            valid = valid & m
-        n.add_(valid)
-        w = n.clamp_min(1.0).reciprocal().clamp_min_(1.0 - self.running_alpha)
-        w.mul_(valid)
-        d = torch.where(valid, norm, mean).sub_(mean)
-        wd = w * d
-        var.addcmul_(wd, d).mul_(1.0 - w)
-        mean.add_(wd)
+    def _has_grads_mask(self, n_grads: Tuple[int, ...], dev: torch.device) -> Optional[Tensor]:
+        """bool [G]: which groups have gradients (``None`` when all do; cached)."""
+        if 0 not in n_grads:
+            return None
+        m = self._has_grads.get(n_grads)
+        if m is None:
+            m = device_tensor([k > 0 for k in n_grads], torch.bool, dev)
+            self._has_grads[n_grads] = m
+        return m
 
-    def _report_to_scaler(self, st: dict, found: Optional[Tensor]) -> None:
-        from torch.amp.grad_scaler import OptState
-        if found is not None:  # folded mode: our non-finite flag is the scaler's found_inf
-            f = found.to(_F32)
-            st["found_inf_per_device"] = {f.device: f}
-        st["stage"] = OptState.STEPPED
+    def _fold_ok(self) -> bool:
+        if not self._fold_capable:
+            return False
+        return all(g.get("fused", True) for g in self.param_groups)
 
-    def _folded_step(self, grads: List[List[Tensor]], coef: Optional[Tensor],
-                     amp_scale: Optional[Tensor], skip: Optional[Tensor]) -> None:
-        """Clip/unscale/skip inside the inner fused step: grad_scale and found_inf."""
-        if coef is not None and coef.dim() > 0:
-            # one coefficient per group cannot ride on the single grad_scale
-            scale_grads_(grads, coef)
-            coef = None
-        gs: Optional[Tensor] = None
-        if coef is not None:
-            gs = coef.reciprocal() if amp_scale is None else amp_scale / coef
-        elif amp_scale is not None:
-            gs = amp_scale
-        fi = None if skip is None else skip.to(_F32)
-        inner = self.optimizer
-        if gs is None and fi is None:
-            inner.step()
+    def _ready(self, params: List[List[Tensor]]) -> bool:
+        """Whether the inner optimizer has already stepped every parameter that has a
+        gradient now — by parameter identity, never by counts."""
+        ids = tuple(id(p) for ps in params for p in ps)
+        if ids == self._ready_ids:
+            return True
+        if self._stepped.issuperset(ids):
+            self._ready_ids = ids
+            return True
+        return False
+
+    def _apply(self, prog: Program, res: StepResult, params: List[List[Tensor]],
+               grads: List[List[Tensor]], amp_scale: Optional[Tensor],
+               amp_found: Optional[Tensor]) -> None:
+        f = res.fields
+        may_skip = (self.skip_nonfinite or amp_found is not None or amp_scale is not None
+                    or prog.may_skip_beyond_nonfinite)
+        fold = self._fold_ok()
+        decide_on_host = may_skip and (not fold or not self._ready(params))
+        if decide_on_host and bool(f.get("skipped")):  # the one documented device read
             return
-        had = {k: inner.__dict__[k] for k in ("grad_scale", "found_inf") if k in inner.__dict__}
-        inner.grad_scale = gs
-        inner.found_inf = fi
-        try:
-            inner.step()
-        finally:
-            for k in ("grad_scale", "found_inf"):
-                inner.__dict__.pop(k, None)
-            inner.__dict__.update(had)
-
-    def _host_step(self, grads: List[List[Tensor]], coef: Optional[Tensor],
-                   inv_scale: Optional[Tensor]) -> None:
-        """Scale gradients in place (clip and/or unscale), then the plain inner step."""
-        if inv_scale is not None:
-            factor = inv_scale if coef is None else coef.to(_F32) * inv_scale
-            _mul_grads_(grads, factor)
-        elif coef is not None:
-            scale_grads_(grads, coef.to(_F32))
-        self.optimizer.step()
-
-
-def _mul_grads_(grads: List[List[Tensor]], factor: Tensor) -> None:
-    """``g *= factor`` for every gradient (factor 0-dim or [G], may exceed 1)."""
-    slices, _ = grouping.slices(grads)
-    for s in slices:
-        f = factor.to(s.device)
-        if f.dim() == 0:
-            torch._foreach_mul_(s.tensors, f)
-            continue
-        bounds = s.group_bounds
-        for g in range(s.num_groups):
-            sub = s.tensors[bounds[g]:bounds[g + 1]]
-            if sub:
-                torch._foreach_mul_(sub, f[g])
+        per_group = prog.per_group_coef or bool(prog.rest)
+        coef = f.get("clip_coef") if (prog.has_clip or prog.rest) else None
+        if fold:
+            if per_group:
+                gs = amp_scale
+            elif coef is not None:
+                gs = f.get("grad_scale")
+            else:
+                gs = amp_scale
+            folded_step(self.optimizer, grads, coef, per_group, gs,
+                        f.get("found_inf") if (may_skip and not decide_on_host) else None)
+        else:
+            inv = None
+            if amp_scale is not None:
+                inv = amp_scale.double().reciprocal().float()
+            host_step(self.optimizer, grads, coef, inv)
+        if not may_skip or decide_on_host:  # the inner step really ran on these params
+            self._stepped.update(id(p) for ps in params for p in ps)
