@@ -31,7 +31,9 @@ def test_key_stable_and_sensitive():
     assert k1 == k2 and hash(k1) == hash(k2)
     assert _grouping.slices([gs[:1], gs[1:]])[0][0].key != k1  # other grouping
     assert _grouping.slices([[gs[0].t(), gs[1]]])[0][0].key != k1  # other layout
-    assert _grouping.slices([[gs[0], gs[1].clone()]])[0][0].key != k1  # other memory
+    moved = _grouping.slices([[gs[0], gs[1].clone()]])[0][0]
+    assert moved.key == k1  # other memory, same structure: the same plans serve it
+    assert moved.ptrs != _grouping.slices([gs])[0][0].ptrs  # ... with this call's addresses
 
 
 def test_selection_cached_per_norm_type_and_request():

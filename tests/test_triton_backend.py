@@ -436,10 +436,16 @@ def test_plan_cache(backend, small_chunks, monkeypatch):
     ds_again, _ = one_slice([[a, b]])  # a new slice of the same gradients
     backend.compute(ds_again, INF, per_tensor=True, full=True)
     assert launcher.get_plan(ds_again) is plan
-    # a changed tensor set, or a different number of groups, builds a new plan
+    # gradients that moved (same structure, other memory) keep the plan; the pointer
+    # table follows them, and the results are those of the new tensors
     c = rand(gen, (100,), torch.float32)
     ds_c, _ = one_slice([[c, b]])
-    assert launcher.get_plan(ds_c) is not plan
+    assert launcher.get_plan(ds_c) is plan
+    assert plan.ptrs.tolist() == [c.data_ptr(), b.data_ptr()]
+    check(backend.compute(ds_c, 2.0, per_tensor=True, full=True), [[c, b]], 2.0)
+    # another structure (dtype, size, grouping) builds a new plan
+    ds_d, _ = one_slice([[c.double()[:99].float(), b]])
+    assert launcher.get_plan(ds_d) is not plan
     ds_g, _ = one_slice([[a, b], []])
     plan_g = launcher.get_plan(ds_g)
     assert plan_g is not plan and plan_g.G == 2
@@ -480,20 +486,18 @@ def test_settings_from_environment(monkeypatch):
 
 
 def test_chunk_table_int64():
-    """Tensors over 2**31 elements: addresses and slots in int64, chunk lengths fit int32."""
+    """Tensors over 2**31 elements: offsets and slots in int64, chunk lengths fit int32."""
     big = 2 ** 31 + 5
-    ptr = np.array([2 ** 40, 2 ** 41, 2 ** 42], dtype=np.int64)
     numel = np.array([big, 0, 3], dtype=np.int64)
-    elsize = np.array([2, 4, 4], dtype=np.int64)
     chunk = 65536
-    tb, tid, addr, length = launcher.chunk_table(ptr, numel, elsize, chunk)
+    tb, tid, off, length = launcher.chunk_table(numel, chunk)
     n0 = -(-big // chunk)
     assert tb.tolist() == [0, n0, n0, n0 + 1]
     assert length.sum() == big + 3 and length.max() == chunk and length.min() > 0
     assert length[n0 - 1] == big - (n0 - 1) * chunk == 5
-    assert addr[n0 - 1] == 2 ** 40 + (n0 - 1) * chunk * 2
-    assert addr[n0] == 2 ** 42 and tid[n0] == 2
-    assert np.all(np.diff(addr[:n0]) == chunk * 2)
+    assert off.dtype == np.int64 and off[n0 - 1] == (n0 - 1) * chunk > 2 ** 31 - chunk
+    assert off[n0] == 0 and tid[n0] == 2
+    assert np.all(np.diff(off[:n0]) == chunk)
 
 
 # ---------------------------------------------------------------------------------------
@@ -554,15 +558,14 @@ def ptx(fn, sig, consts):
     return k.asm["ptx"]
 
 C = "constexpr"
-stats = dict(addr_ptr="*i64", len_ptr="*i32", slot_ptr="*i32", acc_ptr="*fp32",
-             max_ptr="*fp32", nan_ptr="*i32", inf_ptr="*i32", DTYPE=C, NORM=C, BLOCK=C,
-             ALIGNED=C)
-for dt in (tl.float32, tl.bfloat16):
-    p = ptx(K.grad_stats_chunks_kernel, stats, dict(DTYPE=dt, NORM=2, BLOCK=2048, ALIGNED=True))
+stats = dict(ptrs_ptr="*i64", meta_ptr="*i64", acc_ptr="*fp32", max_ptr="*fp32",
+             nan_ptr="*i32", inf_ptr="*i32", DTYPE=C, NORM=C, BLOCK=C, ALIGNED=C)
+for dt, blk in ((tl.float32, 2048), (tl.bfloat16, 4096)):
+    p = ptx(K.grad_stats_chunks_kernel, stats, dict(DTYPE=dt, NORM=2, BLOCK=blk, ALIGNED=True))
     assert "ld.global.v4" in p, ("stats loads not vectorised", dt)
-scale = dict(addr_ptr="*i64", len_ptr="*i32", grp_ptr="*i32", coef_ptr="*fp32", DTYPE=C,
-             BLOCK=C, ALIGNED=C, PER_GROUP=C)
-p = ptx(K.grad_scale_chunks_kernel, scale, dict(DTYPE=tl.bfloat16, BLOCK=2048, ALIGNED=True,
+scale = dict(ptrs_ptr="*i64", meta_ptr="*i64", coef_ptr="*fp32", DTYPE=C, BLOCK=C,
+             ALIGNED=C, PER_GROUP=C)
+p = ptx(K.grad_scale_chunks_kernel, scale, dict(DTYPE=tl.bfloat16, BLOCK=4096, ALIGNED=True,
                                                 PER_GROUP=True))
 assert "ld.global.v4" in p and "st.global.v4" in p, "scale not vectorised"
 fin = dict(acc_ptr="*fp32", max_ptr="*fp32", nan_ptr="*i32", inf_ptr="*i32", gb_ptr="*i32",
@@ -570,6 +573,23 @@ fin = dict(acc_ptr="*fp32", max_ptr="*fp32", nan_ptr="*i32", inf_ptr="*i32", gb_
            max_norm="fp32", NORM=C, HAS_CLIP=C, RBLOCK=C)
 p = ptx(K.grad_stats_finalize_kernel, fin, dict(NORM=2, HAS_CLIP=True, RBLOCK=1024))
 assert "div.rn.f32" in p and "sqrt.rn.f32" in p, "finalize must use IEEE div/sqrt"
+step = dict(acc_ptr="*fp32", max_ptr="*fp32", nan_ptr="*i32", inf_ptr="*i32", gb_ptr="*i32",
+            tb_ptr="*i32", outf_ptr="*fp32", outi_ptr="*i64", stf_ptr="*fp32", sti_ptr="*i64",
+            fstate_ptr="*fp32", istate_ptr="*i64", table_ptr="*i32", params_ptr="*fp32",
+            loss_ptr="*fp32", amp_scale_ptr="*fp32", amp_found_ptr="*fp32",
+            has_grads_ptr="*i1", G="i32", T="i32", one_minus_alpha="fp32",
+            **{n: "i32" for n in ("o_norm", "o_total", "o_max", "o_coef", "o_gs", "o_fi",
+                                   "o_skip", "o_snf", "o_ssp", "o_nonf", "o_clip", "o_run")},
+            NORM=C, RBLOCK=C, BLOCK_G=C, HAS_LOSS=C, HAS_AMP_SCALE=C, HAS_AMP_FOUND=C,
+            HAS_MASK=C, EPILOGUE=C, OP0=C, OP1=C, OP2=C, OP3=C, OP4=C, OP5=C, QH=C, SW=C)
+for ops, flags in (((1, 2, 0, 0, 0, 0), (0, 0, 0, 0, 1)),
+                   ((1, 5, 3, 4, 2, 0), (1, 1, 1, 1, 1)),
+                   ((1, 5, 0, 0, 0, 0), (1, 0, 0, 0, 0))):
+    consts = dict(NORM=2, RBLOCK=1024, BLOCK_G=4, HAS_LOSS=flags[0], HAS_AMP_SCALE=flags[1],
+                  HAS_AMP_FOUND=flags[2], HAS_MASK=flags[3], EPILOGUE=flags[4],
+                  QH=1024, SW=128, **{f"OP{i}": o for i, o in enumerate(ops)})
+    p = ptx(K.step_finalize_kernel, step, consts)
+    assert "div.rn.f32" in p and "sqrt.rn.f32" in p, "step finalize must use IEEE div/sqrt"
 print("OK")
 """
 

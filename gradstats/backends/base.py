@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Hashable, List, Optional, Tuple
+from typing import Any, Hashable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -38,16 +38,20 @@ class DeviceSlice:
         group_of: group index of each tensor (non-decreasing).
         num_groups: number of groups of the whole call (groups may be empty here).
         index: position of each tensor in the call's flat tensor list.
-        key: hashable description of the tensors (addresses, sizes, dtypes, layout,
-            groups); equal keys mean a cached kernel plan is still valid.
+        key: hashable description of the tensors' *structure* (sizes, dtypes, layouts,
+            alignment classes, devices, groups — never addresses); equal keys mean a
+            cached kernel plan is still valid, whatever the tensors' addresses.
+        ptrs: the tensors' data pointers in this call (bytes of int64, or a tuple).
+        group_sizes: tensors per group, when the slice holds the whole call.
     """
 
-    __slots__ = ("device", "tensors", "_group_of", "num_groups", "_index", "key", "_sizes")
+    __slots__ = ("device", "tensors", "_group_of", "num_groups", "_index", "key", "_sizes",
+                 "_ptrs")
 
     def __init__(self, device: torch.device, tensors: List[Tensor],
                  group_of: Optional[List[int]], num_groups: int,
                  index: Optional[List[int]], key: Hashable = None,
-                 group_sizes: Optional[Tuple[int, ...]] = None) -> None:
+                 group_sizes: Optional[Tuple[int, ...]] = None, ptrs: Any = None) -> None:
         self.device = device
         self.tensors = tensors
         self._group_of = group_of
@@ -55,6 +59,19 @@ class DeviceSlice:
         self._index = index
         self.key = key  # None: not cacheable (never cache by id())
         self._sizes = group_sizes
+        self._ptrs = ptrs
+
+    @property
+    def ptrs(self) -> Any:
+        """This call's data pointers: bytes of int64 (from the C++ describe) or a tuple."""
+        if self._ptrs is None:
+            self._ptrs = tuple(t.data_ptr() for t in self.tensors)
+        return self._ptrs
+
+    @property
+    def group_sizes(self) -> Optional[Tuple[int, ...]]:
+        """Tensors per group (``None`` for a part of a multi-device call)."""
+        return self._sizes
 
     @property
     def group_of(self) -> List[int]:
@@ -141,6 +158,17 @@ class Backend:
                 NaN propagated (torch's clipping coefficient). Others may ignore it.
         """
         raise NotImplementedError
+
+    def supports_program(self, dslice: DeviceSlice, norm_type: float, prog: Any) -> bool:
+        """Whether this backend's ``compute_step`` can run the decision program ``prog``
+        (a :class:`gradstats.policies.program.Program`) inside its finalize kernel.
+
+        Backends that can define ``compute_step(dslice, norm_type, per_tensor, prog, *,
+        loss, amp_scale, amp_found, has_grads)`` returning an object with ``outf``,
+        ``outi`` (the program's output layouts), ``nonfinite`` (int64 [G]) and
+        ``per_tensor_norm``. The default: no.
+        """
+        return False
 
     def scale_(self, dslice: DeviceSlice, coef: Tensor) -> None:
         """Multiply gradients in place by ``coef`` (float32, 0-dim or [G] per group).

@@ -30,7 +30,7 @@ class _IndexCache:
 
     def get(self, dslice: DeviceSlice) -> Tuple[Tensor, int]:
         device, G = dslice.device, dslice.num_groups
-        layout = dslice._sizes if dslice._sizes is not None else tuple(dslice.group_of)
+        layout = dslice.group_sizes if dslice.group_sizes is not None else tuple(dslice.group_of)
         key = (device, layout, G)
         hit = self._d.get(key)
         if hit is not None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sys
 from operator import attrgetter
-from collections import OrderedDict
 from typing import Any, List, Tuple
 
 import torch
@@ -15,6 +14,7 @@ from torch import Tensor
 
 from ..backends import native
 from ..backends.base import DeviceSlice
+from .cache import LRU
 
 _numel = Tensor.numel
 _ptr = Tensor.data_ptr
@@ -158,8 +158,8 @@ class Key:
         return f"Key(hash={self.h})"
 
 
-_VALIDATED: "OrderedDict[Key, None]" = OrderedDict()
-_GET_DEVICE = Tensor.get_device
+_VALIDATED: "LRU[bool]" = LRU(64, "validated gradient sets")
+_DEVICE = attrgetter("device")
 
 
 _NATIVE: dict = {}
@@ -177,9 +177,10 @@ def _native(name: str):
     return _NATIVE[name]
 
 
-def _native_fingerprint():
-    """``gradstats._C.fingerprint`` (C++: ~20 ns per tensor) or ``None``."""
-    return _native("fingerprint")
+def _native_describe():
+    """``gradstats._C.describe`` (C++: structure key + pointers, ~20 ns per tensor) or
+    ``None``."""
+    return _native("describe")
 
 
 _GRAD = attrgetter("grad")
@@ -214,15 +215,18 @@ def params_and_grads(params: Any) -> Tuple[List[Tensor], List[Tensor]]:
     return ps, [p.grad for p in ps]
 
 
-def _describe(flat: List[Tensor], sizes: tuple) -> tuple:
-    """(devices, key tuple) of the flat tensor list: a few C-level passes, no Python loop."""
-    devs = tuple(map(_GET_DEVICE, flat))
+def _describe(flat: List[Tensor], sizes: tuple) -> Tuple[tuple, tuple, tuple]:
+    """(devices, structure key tuple, data pointers) of the flat tensor list: a few C-level
+    passes, no Python loop. The key holds everything a kernel plan depends on except the
+    addresses (their alignment class, ``address % 16``, is in it)."""
+    devs = tuple(map(_DEVICE, flat))
+    ptrs = tuple(map(_ptr, flat))
     contig = tuple(map(_is_contig, flat))
-    t = (sizes, devs, tuple(map(_ptr, flat)), tuple(map(_numel, flat)),
-         tuple(map(_dtype, flat)), contig)
+    t = (sizes, devs, tuple(map(_numel, flat)), tuple(map(_dtype, flat)), contig,
+         tuple(p & 15 for p in ptrs))
     if not all(contig):
         t += (tuple(g.stride() for g in flat), tuple(g.shape for g in flat))
-    return devs, t
+    return devs, t, ptrs
 
 
 def slices(groups: List[List[Tensor]], what: str = "gradients"
@@ -247,32 +251,38 @@ def slices(groups: List[List[Tensor]], what: str = "gradients"
         groups = local_groups(groups, what)
         flat = groups[0] if G == 1 else [g for grads in groups for g in grads]
     sizes = tuple(map(len, groups))
-    fp = _native_fingerprint()
-    fast = fp(flat if type(flat) is list else list(flat)) if fp is not None else None
-    if fast is not None and fast[1]:  # one device: the packed bytes are the whole key
+    fn = _native_describe()
+    fast = fn(flat if type(flat) is list else list(flat)) if fn is not None else None
+    if fast is not None and fast[2]:  # one device: the packed bytes are the whole key
         devs = None
         key = Key((sizes, fast[0]))
+        ptrs: Any = fast[1]
     else:
         try:
-            devs, t = _describe(flat, sizes)
+            devs, t, ptrs = _describe(flat, sizes)
         except Exception:
             check_groups(groups, what)  # raises the precise error (e.g. sparse tensors)
             raise
         key = Key(t)
-    if key in _VALIDATED:
-        _VALIDATED.move_to_end(key)
-    else:
+    if _VALIDATED.get(key) is None:
         check_groups(groups, what)
-        _VALIDATED[key] = None
-        if len(_VALIDATED) > 64:
-            _VALIDATED.popitem(last=False)
+        _VALIDATED.put(key, True)
     if devs is None or devs.count(devs[0]) == len(devs):
-        return [DeviceSlice(flat[0].device, flat, None, G, None, key, sizes)], flat
+        return [DeviceSlice(flat[0].device, flat, None, G, None, key, sizes, ptrs)], flat
+    if any(d.type == "meta" for d in devs):
+        raise NotImplementedError(
+            f"{what}: gradients on the meta device mixed with gradients on other devices "
+            f"({', '.join(sorted({str(d) for d in devs}))}); a meta tensor has no data to "
+            "combine with the others (torch raises for this too): compute the statistics "
+            "of the meta gradients in a call of their own")
     group_of = [gi for gi, n in enumerate(sizes) for _ in range(n)]
+    if isinstance(ptrs, (bytes, bytearray)):
+        import numpy as np
+        ptrs = tuple(np.frombuffer(ptrs, dtype=np.int64).tolist())
     out = []
     for dev in dict.fromkeys(devs):
         idx = [i for i, d in enumerate(devs) if d == dev]
         ts = [flat[i] for i in idx]
         out.append(DeviceSlice(ts[0].device, ts, [group_of[i] for i in idx], G, idx,
-                               Key((key.t, dev))))
+                               Key((key.t, dev)), None, tuple(ptrs[i] for i in idx)))
     return out, flat

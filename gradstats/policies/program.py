@@ -54,7 +54,8 @@ COUNTER_NAMES = ("steps", "skipped", "skipped_nonfinite", "skipped_spike", "clip
 #: Ints per op in ``Program.table``.
 OP_WORDS = 5
 #: Flag fields stored as 0.0 / 1.0 in the float output buffer.
-BOOL_FIELDS = ("skipped", "skipped_nonfinite", "skipped_spike", "nonfinite", "clipped")
+BOOL_FIELDS = ("skipped", "skipped_nonfinite", "skipped_spike", "nonfinite", "clipped",
+               "spike_flags")
 
 
 class Layout:

@@ -152,7 +152,8 @@ class ZScoreClip(Rule):
 
     def fused_spec(self) -> FusedSpec:
         return FusedSpec("zscore", (self.alpha, self.z_thresh, float(self.warmup),
-                                    -1.0 if self.max_norm is None else self.max_norm),
+                                    -1.0 if self.max_norm is None else self.max_norm,
+                                    self.z_thresh * self.z_thresh, 1.0 - self.alpha),
                          fstate=(("mean", 1), ("var", 1), ("count", 1)),
                          info=(("zclip_z", 1), ("zclip_mean", 1), ("zclip_std", 1),
                                ("zclip_target", 1)))

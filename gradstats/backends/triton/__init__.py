@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from operator import attrgetter
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from torch import Tensor
 
@@ -107,6 +107,21 @@ class TritonBackend(Backend):
         ``full`` is ignored: max_abs and the NaN/Inf counts come for free.
         """
         return _get_launcher().compute(dslice, norm_type, per_tensor, max_norm)
+
+    def supports_program(self, dslice: DeviceSlice, norm_type: float, prog: Any) -> bool:
+        """Whether :meth:`compute_step` can run ``prog``'s fused prefix in its finalize
+        kernel (groups and ring buffers small enough for one block; ``tl.sort`` present
+        when a quantile rule is fused)."""
+        if prog.G > 1024 or prog.quantile_history > 4096 or prog.spike_window > 4096:
+            return False
+        if prog.quantile_history and not _get_launcher().K.HAS_SORT:
+            return False
+        return True
+
+    def compute_step(self, dslice: DeviceSlice, norm_type: float, per_tensor: bool,
+                     prog: Any, **inputs: Any) -> Any:
+        """Statistics pass + one finalize launch that also runs the decision program."""
+        return _get_launcher().compute_step(dslice, norm_type, per_tensor, prog, **inputs)
 
     def scale_(self, dslice: DeviceSlice, coef: Tensor) -> None:
         _get_launcher().scale_(dslice, coef)
