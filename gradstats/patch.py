@@ -197,7 +197,8 @@ def _restore() -> None:
 
 
 class TorchPatch:
-    """A handle on the active :func:`patch_torch` patch.
+    """A handle on the :func:`patch_torch` patch; creating one is calling
+    :func:`patch_torch`.
 
     ``undo()`` releases this handle; the patch is removed when the last handle is
     released (see the module docstring for the rule). Usable as a context manager.
@@ -209,7 +210,12 @@ class TorchPatch:
     __slots__ = ("active",)
 
     def __init__(self) -> None:
-        self.active = True
+        global _count
+        with _LOCK:
+            if _count == 0:
+                _install()
+            _count += 1
+            self.active = True
 
     def undo(self) -> None:
         """Release this handle; when it was the last one, restore torch's functions.
@@ -263,12 +269,7 @@ def patch_torch() -> TorchPatch:
         >>> h = gradstats.patch_torch()  # or for the rest of the process
         >>> h.undo()
     """
-    global _count
-    with _LOCK:
-        if _count == 0:
-            _install()
-        _count += 1
-        return TorchPatch()
+    return TorchPatch()
 
 
 def is_patched() -> bool:
