@@ -1,7 +1,6 @@
 """gradstats.patch_torch() and gradstats.clip_grad_value_ against torch.nn.utils."""
 import math
 import threading
-import warnings
 
 import pytest
 import torch
