@@ -220,3 +220,28 @@ def test_callback_plain_optimizer_epoch_logging(tmp_path):
     logs = _train_logs(tr)
     assert [e["step"] for e in logs] == [4]
     assert logs[0]["gradstats/total_norm"] == pytest.approx(logs[0]["grad_norm"], rel=1e-5)
+
+
+def test_measures_in_on_optimizer_step_when_pre_hook_is_absent(monkeypatch):
+    """Older transformers call on_optimizer_step but not on_pre_optimizer_step."""
+    calls = []
+    real = gs_hf.grad_stats
+    monkeypatch.setattr(gs_hf, "grad_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = torch.nn.Linear(4, 3)
+    model(torch.randn(5, 4)).pow(2).sum().backward()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = SimpleNamespace(logging_first_step=False, logging_strategy="steps")
+    state = SimpleNamespace(global_step=4, logging_steps=5, log_history=[])
+    cb = GradStatsCallback()
+    cb.on_optimizer_step(args, state, None, optimizer=opt)  # step 5: a logging step
+    assert len(calls) == 1
+    state.global_step = 5
+    logs = {"loss": 1.0}
+    cb.on_log(args, state, None, logs=logs, optimizer=opt)
+    ref = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
+    assert logs["gradstats/total_norm"] == pytest.approx(ref, rel=1e-5)
+    # with both hooks called, the statistics are measured once (in the pre hook)
+    state.global_step = 9
+    cb.on_pre_optimizer_step(args, state, None, optimizer=opt)
+    cb.on_optimizer_step(args, state, None, optimizer=opt)
+    assert len(calls) == 2

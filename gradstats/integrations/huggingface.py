@@ -19,7 +19,9 @@ Where the numbers come from:
   its ``last_stats`` record (statistics before its clipping, the clip coefficient, the
   clipped/skipped flags) and ``summary()`` (cumulative counts);
 * any other optimizer: :func:`gradstats.grad_stats` of its ``param_groups`` in
-  ``on_pre_optimizer_step``, computed only on the steps that the Trainer will log
+  ``on_pre_optimizer_step`` (``on_optimizer_step``, before ``zero_grad``, on
+  transformers versions without that hook), computed only on the steps that the
+  Trainer will log
   (with ``logging_strategy="epoch"`` on every step, since the epoch's last step is not
   known in advance; no device read there). That hook runs *after* the Trainer's own
   clipping (``max_grad_norm``): the norms are those the optimizer sees. The Trainer's
@@ -86,6 +88,7 @@ class GradStatsCallback(TrainerCallback):
         self.group_names = None if group_names is None else list(group_names)
         self.prefix = str(prefix)
         self._pending: Optional[Tuple[int, GradStats]] = None
+        self._measured_for = -1  # the step on_pre_optimizer_step last ran for
         self._emitted: Any = None  # the StableOptimizer record last logged
         self._warned_double = False
         self._warned_order = False
@@ -142,12 +145,22 @@ class GradStatsCallback(TrainerCallback):
             return every > 0 and step % every == 0
         return strategy == "epoch"
 
-    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+    def _measure(self, args, state, optimizer) -> None:
         if optimizer is None or find_stable(optimizer) is not None:
             return
-        step = state.global_step + 1  # the step about to be taken
+        step = state.global_step + 1  # the step being taken
+        self._measured_for = step
         if self._will_log(args, state, step):
             self._pending = (step, grad_stats(optimizer.param_groups, self.norm_type))
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self._measure(args, state, optimizer)
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        # transformers versions without on_pre_optimizer_step: measure after the step,
+        # before zero_grad (the gradients are still there).
+        if self._measured_for != state.global_step + 1:
+            self._measure(args, state, optimizer)
 
     def _values(self, state, optimizer) -> Dict[str, float]:
         stable = find_stable(optimizer)
