@@ -4,20 +4,24 @@ Importing this package needs neither a GPU, nor triton, nor the compiled extensi
 backends that cannot run say why (``python -m gradstats info``).
 """
 from .backends.registry import BackendUnavailableError
-from .clip import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
+from .clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from .core.stats import GradStats, grad_stats
 from . import policies
 from .optim import StableOptimizer
+from .patch import TorchPatch, patch_torch
 from .version import __version__
 
 __all__ = [
     "BackendUnavailableError",
     "GradStats",
     "StableOptimizer",
+    "TorchPatch",
     "clip_grad_norm_",
+    "clip_grad_value_",
     "clip_grads_with_norm_",
     "get_total_norm",
     "grad_stats",
+    "patch_torch",
     "policies",
     "__version__",
 ]

@@ -221,3 +221,47 @@ def clip_grad_norm_(parameters: _TensorOrTensors, max_norm: float, norm_type: fl
     for s in slices:
         registry.select(s, p, None).scale_(s, coef.to(s.device))
     return _like_torch(st.total_norm, grads, p)
+
+
+@torch.no_grad()
+def clip_grad_value_(parameters: _TensorOrTensors, clip_value: float,
+                     foreach: Optional[bool] = None) -> None:
+    r"""Clamp every gradient element to ``[-clip_value, clip_value]``, in place.
+
+    Drop-in for :func:`torch.nn.utils.clip_grad_value_`: same inputs, bit-identical
+    gradients. ``clip_value`` is converted with ``float()`` as torch does; a negative
+    value behaves as in torch (``clamp_min(-v)`` then ``clamp_max(v)``: every element
+    that is not NaN becomes ``v``); NaN gradients stay NaN. No host synchronisation;
+    the backend chosen for each device clamps each dtype in one foreach pass (or one
+    fused pass where it has one).
+
+    Args:
+        parameters (Iterable[Tensor] or Tensor): parameters (or a single one) whose
+            ``.grad`` is clamped; parameters without a gradient are ignored.
+        clip_value (float): the largest allowed absolute value.
+        foreach (bool): ``False`` clamps tensor by tensor (torch's slow path, same
+            result); ``None`` or ``True`` uses the backend. Unlike torch, ``True`` never
+            raises for a device without foreach kernels.
+
+    Raises:
+        TypeError, ValueError: ``float(clip_value)`` fails (as in torch).
+        TypeError: a gradient is not a floating-point strided tensor.
+
+    Example::
+
+        >>> loss.backward()
+        >>> gradstats.clip_grad_value_(model.parameters(), clip_value=0.5)
+        >>> optimizer.step()
+    """
+    params = [parameters] if isinstance(parameters, Tensor) else parameters
+    v = float(clip_value)
+    grads = grouping.grads_of(list(params))
+    if not grads:
+        return
+    if foreach is False:
+        for g in grads:
+            g.clamp_(min=-v, max=v)
+        return
+    slices, _ = grouping.slices([grads], "parameters[i].grad")
+    for s in slices:
+        registry.select(s, 2.0, None).clamp_(s, v)

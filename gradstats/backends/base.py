@@ -179,6 +179,31 @@ class Backend:
         """
         raise NotImplementedError
 
+    def clamp_(self, dslice: DeviceSlice, clip_value: float) -> None:
+        """Clamp gradients in place to ``[-clip_value, clip_value]`` (``clip_grad_value_``).
+
+        The result is torch's ``clamp_min_(-clip_value)`` followed by
+        ``clamp_max_(clip_value)``, bit for bit: NaN stays NaN, and a negative
+        ``clip_value`` sets every other element to ``clip_value``. Never synchronises with
+        the device. This default uses torch's foreach kernels once per dtype (two passes);
+        a backend may override it with one fused pass.
+
+        Args:
+            dslice: the gradients.
+            clip_value: the bound, a Python float.
+        """
+        ts = dslice.tensors
+        if len({t.dtype for t in ts}) <= 1:
+            runs = [ts] if ts else []
+        else:
+            by_dtype: dict = {}
+            for t in ts:
+                by_dtype.setdefault(t.dtype, []).append(t)
+            runs = list(by_dtype.values())
+        for run in runs:
+            torch._foreach_clamp_min_(run, -clip_value)
+            torch._foreach_clamp_max_(run, clip_value)
+
 
 def norm_from_acc(acc: Tensor, norm_type: float) -> Tensor:
     """``acc ** (1/p)`` for the raw accumulator (identity for p = 1 and p = inf)."""
