@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench setup clean
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py Makefile
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q "torch==2.13.0" numpy "triton" pytest pytest-benchmark hypothesis pytest-timeout matplotlib "transformers==5.25.0" "accelerate==1.16.0" "lightning==2.6.6"

@@ -71,7 +71,8 @@ def _extensions():
 
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
     unix = os.name == "posix"
-    sources = ["csrc/ops.cpp", "csrc/fingerprint.cpp", "csrc/cpu/kernel_default.cpp"]  # default build links first
+    sources = ["csrc/ops.cpp", "csrc/fingerprint.cpp", "csrc/decide/decide_cpu.cpp",
+               "csrc/cpu/kernel_default.cpp"]  # default build links first
     macros = []
     if x86 and unix:
         sources += ["csrc/cpu/kernel_avx2.cpp", "csrc/cpu/kernel_avx512.cpp"]
@@ -92,7 +93,7 @@ def _extensions():
                      "-gencode=arch=compute_75,code=compute_75"]
         try:
             ext = cpp_extension.CUDAExtension(
-                "gradstats._C", sources + ["csrc/cuda/stats_cuda.cu"],
+                "gradstats._C", sources + ["csrc/cuda/stats_cuda.cu", "csrc/cuda/decide_cuda.cu"],
                 define_macros=macros + [("GRADSTATS_WITH_CUDA", "1")],
                 extra_compile_args={"cxx": list(cxx), "nvcc": nvcc}, extra_link_args=link)
         except Exception as e:  # e.g. CUDA_HOME unknown: build the CPU part only

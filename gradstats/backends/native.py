@@ -25,7 +25,7 @@ gradient set is cached by content, so run one eager step before capturing a CUDA
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -33,6 +33,21 @@ from torch import Tensor
 from .base import Backend, DeviceSlice, FinalStats, Partials
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: The CUDA decide kernel (csrc/cuda/decide_cuda.cu) is dispatched only once it has run on
+#: a GPU of ours and matched the torch executor (benchmarks/gpu_check.py checks it by
+#: forcing ``GRADSTATS_NATIVE_CUDA_DECIDE=1``).
+CUDA_DECIDE_VERIFIED = os.environ.get("GRADSTATS_NATIVE_CUDA_DECIDE", "") == "1"
+
+
+class StepOut:
+    """Outputs of :meth:`NativeBackend.compute_step` (the program's layouts)."""
+
+    __slots__ = ("outf", "outi", "nonfinite", "per_tensor_norm", "direct")
+
+    def __init__(self, outf: Tensor, outi: Tensor, nonfinite: Tensor,
+                 per_tensor_norm: Optional[Tensor], direct: Dict[str, Tensor]) -> None:
+        self.outf, self.outi, self.nonfinite = outf, outi, nonfinite
+        self.per_tensor_norm, self.direct = per_tensor_norm, direct
 _C = None
 _LOAD_ERROR: Optional[str] = None
 _LOADED = False
@@ -93,6 +108,18 @@ def _register_fakes() -> None:
     @torch.library.register_fake("gradstats::scale_")
     def _scale_fake(tensors: List[Tensor], group_bounds: List[int], coef: Tensor) -> None:
         return None
+
+    @torch.library.register_fake("gradstats::decide")
+    def _decide_fake(norm: Tensor, total: Tensor, max_abs: Tensor, loss: Optional[Tensor],
+                     amp_scale: Optional[Tensor], amp_found: Optional[Tensor],
+                     has_grads: Optional[Tensor], fstate: Tensor, istate: Tensor,
+                     table: Tensor, params: Tensor, meta: List[int],
+                     one_minus_alpha: float) -> Tuple[Tensor, ...]:
+        dev = norm.device
+        return (torch.empty(meta[3], dtype=torch.float32, device=dev),
+                torch.empty(1, dtype=torch.int64, device=dev),
+                torch.empty((), dtype=torch.float32, device=dev),
+                torch.empty((), dtype=torch.float32, device=dev))
 
 
 def extension():
@@ -164,6 +191,31 @@ class NativeBackend(Backend):
                         t_acc=t_acc if per_tensor else None,
                         t_nan=t_nan if per_tensor else None,
                         t_inf=t_inf if per_tensor else None, final=final)
+
+    def supports_program(self, dslice: DeviceSlice, norm_type: float, prog: Any) -> bool:
+        """The decide op runs the program on the CPU; on CUDA only once the CUDA decide
+        kernel has been verified on a GPU (:data:`CUDA_DECIDE_VERIFIED`)."""
+        if dslice.device.type == "cpu":
+            return True
+        return dslice.device.type == "cuda" and CUDA_DECIDE_VERIFIED and _C.cuda_built()
+
+    def compute_step(self, dslice: DeviceSlice, norm_type: float, per_tensor: bool,
+                     prog: Any, *, loss: Optional[Tensor], amp_scale: Optional[Tensor],
+                     amp_found: Optional[Tensor], has_grads: Optional[Tensor]) -> "StepOut":
+        """The stats op, then the decide op on its final statistics (two op calls)."""
+        p = float(norm_type)
+        (_, max_abs, _, _, _, _, _, norm, total, nonfinite, ptn,
+         _) = torch.ops.gradstats.stats(dslice.tensors, _bounds(dslice), p, None)
+        meta = prog._native_meta
+        if meta is None:
+            meta = prog._native_meta = prog.native_meta
+        outf, outi, gs, fi = torch.ops.gradstats.decide(
+            norm, total, max_abs, loss, amp_scale, amp_found, has_grads, prog.fstate,
+            prog.istate, prog.table, prog.params, meta, 1.0 - prog.alpha)
+        if per_tensor and amp_scale is not None:
+            ptn = ptn * amp_scale.double().reciprocal().float()
+        return StepOut(outf, outi, nonfinite, ptn if per_tensor else None,
+                       {"grad_scale": gs, "found_inf": fi})
 
     def scale_(self, dslice: DeviceSlice, coef: Tensor) -> None:
         if coef.device != dslice.device or coef.dtype != torch.float32:

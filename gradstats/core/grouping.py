@@ -59,8 +59,9 @@ def _check_grad(t: Any, what: str) -> Tensor:
 def groups_of_params(params_or_groups: Any) -> List[List[Tensor]]:
     """The ``.grad`` tensors of ``params_or_groups``, one list per group.
 
-    Accepts a single tensor, an iterable of tensors/parameters (one group), or an iterable
-    of param-group dicts with a ``"params"`` entry (``optimizer.param_groups``).
+    Accepts a single tensor, an iterable of tensors/parameters (one group), an iterable of
+    param-group dicts with a ``"params"`` entry (``optimizer.param_groups``), or one such
+    dict (one group).
     Parameters whose ``.grad`` is ``None`` are skipped.
 
     Raises:
@@ -69,6 +70,8 @@ def groups_of_params(params_or_groups: Any) -> List[List[Tensor]]:
     if isinstance(params_or_groups, Tensor):
         g = params_or_groups.grad
         return [[] if g is None else [_check_grad(g, "params_or_groups.grad")]]
+    if isinstance(params_or_groups, dict):  # one param-group dict: one group
+        params_or_groups = [params_or_groups]
     items = list(params_or_groups)
     if items and isinstance(items[0], dict):
         out = []

@@ -63,7 +63,8 @@ def measure_decide(prog: Program, params: List[List[Tensor]], grads: List[List[T
                        "numel": numel_tensor(grads, slices, s.device),
                        "per_tensor_norm": res.per_tensor_norm}
                 if prog.fully_fused:
-                    return StepResult(prog.fields(res.outf, res.outi), src, {})
+                    return StepResult(prog.fields(res.outf, res.outi,
+                                                  getattr(res, "direct", None)), src, {})
                 return _finish_in_torch(prog, res, src, norm_type, loss, amp_scale,
                                         amp_found, has_grads, params, grads)
     st, _, _ = compute_groups(grads, norm_type, per_tensor=per_tensor, full=True,

@@ -581,7 +581,8 @@ class StableOptimizer(Optimizer):
     def _ready(self, params: List[List[Tensor]]) -> bool:
         """Whether the inner optimizer has already stepped every parameter that has a
         gradient now — by parameter identity, never by counts."""
-        ids = tuple(id(p) for ps in params for p in ps)
+        ids = tuple(map(id, params[0])) if len(params) == 1 else \
+            tuple(map(id, [p for ps in params for p in ps]))
         if ids == self._ready_ids:
             return True
         if self._stepped.issuperset(ids):
@@ -600,7 +601,7 @@ class StableOptimizer(Optimizer):
         if decide_on_host and bool(f.get("skipped")):  # the one documented device read
             return
         per_group = prog.per_group_coef or bool(prog.rest)
-        coef = f.get("clip_coef") if (prog.has_clip or prog.rest) else None
+        coef = f.get("clip_coef") if ((per_group or not fold) and prog.has_clip) else None
         if fold:
             if per_group:
                 gs = amp_scale
@@ -616,4 +617,5 @@ class StableOptimizer(Optimizer):
                 inv = amp_scale.double().reciprocal().float()
             host_step(self.optimizer, grads, coef, inv)
         if not may_skip or decide_on_host:  # the inner step really ran on these params
-            self._stepped.update(id(p) for ps in params for p in ps)
+            for ps in params:
+                self._stepped.update(map(id, ps))

@@ -265,10 +265,25 @@ class Program:
         self.spike_window = next((int(s.params[0]) for _, s in fused if s.op == "spike"), 0)
         self.spike_signals = next((len([x for x in s.params[3:5] if x > 0])
                                    for _, s in fused if s.op == "spike"), 0)
+        self._native_meta = None
 
-    def fields(self, outf: Tensor, outi: Tensor) -> Fields:
-        """Lazy named views of a kernel's output buffers."""
-        return Fields(None, outf, outi, self.out_layout, self.outi_layout, self.shapes)
+    def fields(self, outf: Tensor, outi: Tensor,
+               direct: Optional[Dict[str, Tensor]] = None) -> Fields:
+        """Lazy named views of a kernel's output buffers (``direct``: fields a kernel
+        returned as tensors of their own)."""
+        return Fields(direct, outf, outi, self.out_layout, self.outi_layout, self.shapes)
+
+    @property
+    def native_meta(self) -> List[int]:
+        """The ``meta`` argument of ``torch.ops.gradstats.decide`` (sizes and the output
+        offsets, in the order of csrc/decide/decide_op.h)."""
+        e = self.out_layout.entries
+        return ([self.G, len(self.fused), int(self.fully_fused), self.out_layout.size,
+                 max(self.quantile_history, 1)]
+                + [e[n][0] for n in ("norm", "total_norm", "max_abs", "clip_coef",
+                                     "grad_scale", "found_inf", "skipped",
+                                     "skipped_nonfinite", "skipped_spike", "nonfinite",
+                                     "clipped", "running")])
 
 
 def run_torch(prog: Program, norm: Tensor, total: Tensor, max_abs: Optional[Tensor], *,

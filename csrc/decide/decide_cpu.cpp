@@ -1,0 +1,72 @@
+// torch.ops.gradstats.decide: schema and CPU implementation (the decision program of
+// StableOptimizer, see decide/program.h for the semantics and the bytes moved).
+#include <optional>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "decide_op.h"
+
+namespace gradstats {
+namespace decide {
+namespace {
+
+template <typename T>
+const T* opt_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+DecideOut decide_cpu(const at::Tensor& norm, const at::Tensor& total, const at::Tensor& max_abs,
+                     const std::optional<at::Tensor>& loss,
+                     const std::optional<at::Tensor>& amp_scale,
+                     const std::optional<at::Tensor>& amp_found,
+                     const std::optional<at::Tensor>& has_grads, at::Tensor& fstate,
+                     at::Tensor& istate, const at::Tensor& table, const at::Tensor& params,
+                     c10::IntArrayRef meta, double one_minus_alpha) {
+  const Meta m = unpack_meta(meta);
+  check_inputs(norm, total, max_abs, fstate, istate, table, params, m);
+  check_optional(loss, norm, "loss", at::kFloat, 1);
+  check_optional(amp_scale, norm, "amp_scale", at::kFloat, 1);
+  check_optional(amp_found, norm, "amp_found", at::kFloat, 1);
+  check_optional(has_grads, norm, "has_grads", at::kBool, m.G);
+  TORCH_CHECK(norm.device().is_cpu(), "gradstats.decide (CPU): tensors must be on the CPU");
+  auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor outf = at::empty({m.out_size}, f32);
+  at::Tensor outi = at::empty({1}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor gs = at::empty({}, f32);
+  at::Tensor fi = at::empty({}, f32);
+  std::vector<float> coef(static_cast<size_t>(m.G > 0 ? m.G : 1));
+  std::vector<float> scratch(static_cast<size_t>(m.max_history > 0 ? m.max_history : 1));
+  float* out = outf.mutable_data_ptr<float>();
+  // fields the program does not write in this mode keep a defined value
+  for (int64_t i = 0; i < m.out_size; ++i) out[i] = 0.0f;
+  Inputs in{norm.const_data_ptr<float>(), total.const_data_ptr<float>(),
+            max_abs.const_data_ptr<float>(), opt_ptr<float>(loss), opt_ptr<float>(amp_scale),
+            opt_ptr<float>(amp_found), opt_ptr<bool>(has_grads), m.G,
+            static_cast<int32_t>(m.num_ops), m.epilogue, static_cast<float>(one_minus_alpha)};
+  Program p{table.const_data_ptr<int32_t>(), params.const_data_ptr<float>(),
+            fstate.mutable_data_ptr<float>(), istate.mutable_data_ptr<int64_t>(),
+            scratch.data()};
+  int64_t step = istate.const_data_ptr<int64_t>()[0];
+  run(in, p, m.layout, out, &step, coef.data());
+  outi.mutable_data_ptr<int64_t>()[0] = step;
+  gs.mutable_data_ptr<float>()[0] = out[m.layout.grad_scale];
+  fi.mutable_data_ptr<float>()[0] = out[m.layout.found_inf];
+  return {outf, outi, gs, fi};
+}
+
+}  // namespace
+}  // namespace decide
+}  // namespace gradstats
+
+TORCH_LIBRARY_FRAGMENT(gradstats, m) {
+  m.def(
+      "decide(Tensor norm, Tensor total, Tensor max_abs, Tensor? loss, Tensor? amp_scale, "
+      "Tensor? amp_found, Tensor? has_grads, Tensor(a!) fstate, Tensor(b!) istate, "
+      "Tensor table, Tensor params, int[] meta, float one_minus_alpha) -> "
+      "(Tensor outf, Tensor outi, Tensor grad_scale, Tensor found_inf)");
+}
+
+TORCH_LIBRARY_IMPL(gradstats, CPU, m) { m.impl("decide", &gradstats::decide::decide_cpu); }
