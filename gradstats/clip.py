@@ -155,7 +155,7 @@ def clip_grads_with_norm_(parameters: _TensorOrTensors, max_norm: float, total_n
         return
     if type(total_norm) is not Tensor and grouping.is_dtensor(total_norm):
         total_norm = total_norm.full_tensor()  # no communication when it is replicated
-    coef = torch.clamp(m / (total_norm + 1e-6), max=1.0).to(torch.float32)
+    coef = torch.clamp(m / (total_norm + 1e-6), max=1.0)  # float64 for float64 norms
     scale_grads_([grads], coef)
 
 

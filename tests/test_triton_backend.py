@@ -558,7 +558,7 @@ def ptx(fn, sig, consts):
     return k.asm["ptx"]
 
 C = "constexpr"
-stats = dict(ptrs_ptr="*i64", meta_ptr="*i64", acc_ptr="*fp32", max_ptr="*fp32",
+stats = dict(ptrs_ptr="*i64", meta_ptr="*i64", acc_ptr="*fp64", max_ptr="*fp32",
              nan_ptr="*i32", inf_ptr="*i32", DTYPE=C, NORM=C, BLOCK=C, ALIGNED=C)
 for dt, blk in ((tl.float32, 2048), (tl.bfloat16, 4096)):
     p = ptx(K.grad_stats_chunks_kernel, stats, dict(DTYPE=dt, NORM=2, BLOCK=blk, ALIGNED=True))
@@ -568,12 +568,12 @@ scale = dict(ptrs_ptr="*i64", meta_ptr="*i64", coef_ptr="*fp32", DTYPE=C, BLOCK=
 p = ptx(K.grad_scale_chunks_kernel, scale, dict(DTYPE=tl.bfloat16, BLOCK=4096, ALIGNED=True,
                                                 PER_GROUP=True))
 assert "ld.global.v4" in p and "st.global.v4" in p, "scale not vectorised"
-fin = dict(acc_ptr="*fp32", max_ptr="*fp32", nan_ptr="*i32", inf_ptr="*i32", gb_ptr="*i32",
+fin = dict(acc_ptr="*fp64", max_ptr="*fp32", nan_ptr="*i32", inf_ptr="*i32", gb_ptr="*i32",
            tb_ptr="*i32", outf_ptr="*fp32", outi_ptr="*i64", G="i32", T="i32",
            max_norm="fp32", NORM=C, HAS_CLIP=C, RBLOCK=C)
 p = ptx(K.grad_stats_finalize_kernel, fin, dict(NORM=2, HAS_CLIP=True, RBLOCK=1024))
-assert "div.rn.f32" in p and "sqrt.rn.f32" in p, "finalize must use IEEE div/sqrt"
-step = dict(acc_ptr="*fp32", max_ptr="*fp32", nan_ptr="*i32", inf_ptr="*i32", gb_ptr="*i32",
+assert "div.rn.f32" in p and "sqrt.rn.f64" in p, "finalize must use IEEE div/sqrt"
+step = dict(acc_ptr="*fp64", max_ptr="*fp32", nan_ptr="*i32", inf_ptr="*i32", gb_ptr="*i32",
             tb_ptr="*i32", outf_ptr="*fp32", outi_ptr="*i64", stf_ptr="*fp32", sti_ptr="*i64",
             fstate_ptr="*fp32", istate_ptr="*i64", table_ptr="*i32", params_ptr="*fp32",
             loss_ptr="*fp32", amp_scale_ptr="*fp32", amp_found_ptr="*fp32",
@@ -589,7 +589,7 @@ for ops, flags in (((1, 2, 0, 0, 0, 0), (0, 0, 0, 0, 1)),
                   HAS_AMP_FOUND=flags[2], HAS_MASK=flags[3], EPILOGUE=flags[4],
                   QH=1024, SW=128, **{f"OP{i}": o for i, o in enumerate(ops)})
     p = ptx(K.step_finalize_kernel, step, consts)
-    assert "div.rn.f32" in p and "sqrt.rn.f32" in p, "step finalize must use IEEE div/sqrt"
+    assert "div.rn.f32" in p and "sqrt.rn.f64" in p, "step finalize must use IEEE div/sqrt"
 print("OK")
 """
 

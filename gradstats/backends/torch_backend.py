@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .base import Backend, DeviceSlice, Partials
+from .base import Backend, DeviceSlice, Partials, finalize
 
 _F32 = torch.float32
 
@@ -71,24 +71,6 @@ def group_reduce(vals: Tensor, dslice: DeviceSlice, op: str) -> Tensor:
     return pad.sum(1) if op == "sum" else pad.amax(1)
 
 
-def _by_dtype(tensors: List[Tensor]) -> Dict[torch.dtype, List[int]]:
-    out: Dict[torch.dtype, List[int]] = {}
-    for i, t in enumerate(tensors):
-        out.setdefault(t.dtype, []).append(i)
-    return out
-
-
-def _reorder(parts: List[Tuple[List[int], Tensor]], T: int, device, dtype) -> Tensor:
-    """Scatter per-bucket values back to tensor order (missing entries are 0)."""
-    if len(parts) == 1 and len(parts[0][0]) == T:
-        return parts[0][1]
-    out = torch.zeros(T, dtype=dtype, device=device)
-    for idx, v in parts:
-        if idx:
-            out[torch.tensor(idx, device=device)] = v
-    return out
-
-
 def _pow_acc(norms: Tensor, p: float) -> Tensor:
     if math.isinf(p) or p == 1.0:
         return norms
@@ -99,34 +81,61 @@ def _pow_acc(norms: Tensor, p: float) -> Tensor:
 
 #: Row length of the blocked CPU reduction (see :func:`_cpu_pow_sums`).
 _ROW = 4096
+_F64 = torch.float64
+
+
+def _trusted_range(p: float) -> Tuple[float, float]:
+    """Row p-norms ``r`` whose float32 evaluation is trusted: ``r**p`` in ``[2^-100, 2^100]``.
+
+    Outside it the row's ``|x|**p`` terms come near float32's subnormals (values below
+    ~1e-19 for p = 2) or its overflow (above ~1e19): such rows are recomputed in float64.
+    """
+    return 2.0 ** (-100.0 / p), 2.0 ** (100.0 / p)
 
 
 def _cpu_pow_sums(ts: List[Tensor], p: float) -> Tensor:
-    """Per-tensor ``sum |x|**p`` (float32 [T]) accurate to ~1e-7 on the CPU.
+    """Per-tensor ``sum |x|**p`` (float64 [T]) accurate to ~1e-7 on the CPU, at any scale.
 
     torch's CPU float32 norm of a large tensor is off by up to ~3e-3 (measured on GPT-2's
     embedding gradient), and a float64 norm is ~30x slower. Instead each tensor is viewed
     as rows of ``_ROW`` elements: row norms in float32 (short, accurate), then the rows'
-    p-th powers summed in float64. NaN/Inf propagate as in torch.
+    p-th powers summed in float64. Rows whose float32 norm is outside
+    :func:`_trusted_range` (tiny or huge values whose powers under- or overflow float32)
+    and that are not all zero are recomputed in float64. float64 tensors are reduced in
+    float64 throughout. NaN/Inf propagate as in torch.
     """
+    lo, hi = _trusted_range(p)
     out = []
     for g in ts:
         x = g.reshape(-1)
         n = x.numel()
+        if n == 0:
+            out.append(torch.zeros((), dtype=_F64))
+            continue
+        if x.dtype == _F64:
+            out.append(_pow_acc(torch.linalg.vector_norm(x, p), p))
+            continue
         m = n - n % _ROW
-        parts = []
-        if m:
-            rows = torch.linalg.vector_norm(x[:m].view(-1, _ROW), p, dim=1, dtype=_F32)
-            parts.append(_pow_acc(rows.double(), p).sum())
-        if n > m:
-            tail = torch.linalg.vector_norm(x[m:], p, dtype=_F32).double()
-            parts.append(_pow_acc(tail, p))
-        out.append(sum(parts) if parts else torch.zeros((), dtype=torch.float64))
-    return torch.stack(out).to(_F32)
+        rows = x[:m].view(-1, _ROW) if m else x[:0].view(0, _ROW)
+        r = torch.linalg.vector_norm(rows, p, dim=1, dtype=_F32)
+        tail = x[m:]
+        rt = torch.linalg.vector_norm(tail, p, dtype=_F32).reshape(1)
+        r = torch.cat([r, rt]).double()
+        # reading CPU values is no device sync: find the rows float32 got wrong
+        suspect = ((r < lo) | (r > hi)) & (r == r)
+        if bool(suspect.any()):
+            r = r.clone()
+            for i in suspect.nonzero().flatten().tolist():
+                row = rows[i] if i < rows.shape[0] else tail
+                if row.numel() == 0 or float(row.abs().amax()) == 0.0:
+                    continue  # an empty or all-zero row is exact
+                r[i] = torch.linalg.vector_norm(row.double(), p)
+        out.append(_pow_acc(r, p).sum())
+    return torch.stack(out) if out else torch.zeros(0, dtype=_F64)
 
 
 def _cpu_max_abs(ts: List[Tensor]) -> Tensor:
-    """Per-tensor ``max |x|`` (float32 [T], NaN-propagating) in one read each.
+    """Per-tensor ``max |x|`` (float64 [T], NaN-propagating) in one read each.
 
     ``torch.aminmax`` is ~15x faster on the CPU than torch's inf-norm; ``max(-min, max)``
     is exact, and NaN/Inf propagate as in the norm.
@@ -134,32 +143,38 @@ def _cpu_max_abs(ts: List[Tensor]) -> Tensor:
     out = []
     for g in ts:
         if g.numel() == 0:
-            out.append(torch.zeros((), dtype=_F32))
+            out.append(torch.zeros((), dtype=_F64))
             continue
         lo, hi = torch.aminmax(g)
-        out.append(torch.maximum(-lo, hi).to(_F32))
-    return torch.stack(out) if out else torch.zeros(0, dtype=_F32)
+        out.append(torch.maximum(-lo, hi).to(_F64))
+    return torch.stack(out) if out else torch.zeros(0, dtype=_F64)
 
 
 def _norm_pass(ts: List[Tensor], p: float, device: torch.device) -> Tensor:
-    """One read of every tensor: per-tensor raw accumulators (float32 [T], NaN/Inf kept)."""
+    """One read of every tensor: per-tensor raw accumulators (float64 [T], NaN/Inf kept).
+
+    On the CPU the blocked reduction above; elsewhere each tensor's norm is taken with
+    float64 accumulation (``vector_norm(..., dtype=float64)``: exact at any scale, one
+    launch per tensor — this backend is the fallback of the fused ones).
+    """
     T = len(ts)
     if device.type == "cpu":
         return _cpu_max_abs(ts) if math.isinf(p) else _cpu_pow_sums(ts, p)
-    parts = []
-    for dt, idx in _by_dtype(ts).items():
-        # zero-size tensors have norm 0 (torch's inf-norm refuses them)
-        idx = [i for i in idx if ts[i].numel() > 0]
-        if idx:
-            norms = torch._foreach_norm([ts[i] for i in idx], p, dtype=_F32)
-            parts.append((idx, torch.stack(norms)))
-    if len(parts) != 1 or len(parts[0][0]) != T:
-        parts.append(([], torch.zeros(0, dtype=_F32, device=device)))
-    return _pow_acc(_reorder(parts, T, device, _F32), p)
+    if T == 0:
+        return torch.zeros(0, dtype=_F64, device=device)
+    out = []
+    for g in ts:
+        if g.numel() == 0:  # zero-size tensors have norm 0 (torch's inf-norm refuses them)
+            out.append(torch.zeros((), dtype=_F64, device=device))
+        elif math.isinf(p):
+            out.append(torch.linalg.vector_norm(g, p).to(_F64))
+        else:
+            out.append(torch.linalg.vector_norm(g, p, dtype=_F64))
+    return _pow_acc(torch.stack(out), p)
 
 
 def _one_tensor_full(g: Tensor, p: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(acc over finite elements, max |x| finite, #nan, #inf) of one tensor, float32/int64."""
+    """(acc over finite elements, max |x| finite, #nan, #inf) of one tensor, float64/int64."""
     x = g.reshape(-1)
     a = x.abs()
     fin = a < math.inf  # False for NaN and +-Inf
@@ -167,16 +182,35 @@ def _one_tensor_full(g: Tensor, p: float) -> Tuple[Tensor, Tensor, Tensor, Tenso
     n_inf = (~fin).sum() - n_nan
     af = torch.where(fin, a, torch.zeros((), dtype=a.dtype, device=a.device))
     if x.numel() == 0:
-        z = torch.zeros((), dtype=_F32, device=x.device)
+        z = torch.zeros((), dtype=_F64, device=x.device)
         return z, z, n_nan, n_inf
-    mx = af.amax().to(_F32)
+    mx = af.amax().to(_F64)
     if math.isinf(p):
         acc = mx
     elif x.device.type == "cpu":
         acc = _cpu_pow_sums([af], p)[0]
     else:
-        acc = _pow_acc(torch.linalg.vector_norm(af, p, dtype=_F32), p)
+        acc = _pow_acc(torch.linalg.vector_norm(af, p, dtype=_F64), p)
     return acc, mx, n_nan, n_inf
+
+
+def _out_dtype(ts: List[Tensor]) -> torch.dtype:
+    """float64 statistics for float64 gradients (as torch), float32 otherwise."""
+    return _F64 if any(t.dtype == _F64 for t in ts) else _F32
+
+
+def _finalized(parts: Partials, p: float, per_tensor: bool, out: torch.dtype) -> Partials:
+    """The partials (float64 accumulators) with their final statistics in ``out``."""
+    fin = finalize(parts, p, per_tensor)
+    if out != _F64:
+        fin.norm = fin.norm.to(out)
+        fin.total_norm = fin.total_norm.to(out)
+        if fin.max_abs is not None:
+            fin.max_abs = fin.max_abs.to(out)
+        if fin.per_tensor_norm is not None:
+            fin.per_tensor_norm = fin.per_tensor_norm.to(out)
+    parts.final = fin
+    return parts
 
 
 class TorchBackend(Backend):
@@ -196,10 +230,12 @@ class TorchBackend(Backend):
                 full: bool, max_norm: Optional[float] = None) -> Partials:
         ts, dev, T = dslice.tensors, dslice.device, len(dslice.tensors)
         p = float(norm_type)
+        out = _out_dtype(ts)
         if not full:
             t_acc = _norm_pass(ts, p, dev)
             acc = group_reduce(t_acc, dslice, "max" if math.isinf(p) else "sum")
-            return Partials(acc=acc, t_acc=t_acc if per_tensor else None)
+            return _finalized(Partials(acc=acc, t_acc=t_acc if per_tensor else None), p,
+                              per_tensor, out)
         red = "max" if math.isinf(p) else "sum"
         zeros_i = None
         if dev.type == "cpu":
@@ -225,7 +261,7 @@ class TorchBackend(Backend):
                 infs.append(n2)
             t_acc, t_max = torch.stack(accs), torch.stack(mxs)
             t_nan, t_inf = torch.stack(nans), torch.stack(infs)
-        return Partials(
+        return _finalized(Partials(
             acc=group_reduce(t_acc, dslice, red),
             max_abs=group_reduce(t_max, dslice, "max"),
             n_nan=group_reduce(t_nan, dslice, "sum"),
@@ -233,10 +269,12 @@ class TorchBackend(Backend):
             t_acc=t_acc if per_tensor else None,
             t_nan=t_nan if per_tensor else None,
             t_inf=t_inf if per_tensor else None,
-        )
+        ), p, per_tensor, out)
 
     def scale_(self, dslice: DeviceSlice, coef: Tensor) -> None:
-        coef = torch.clamp(coef.to(device=dslice.device, dtype=_F32), max=1.0)
+        # float64 coefficients (of float64 norms) stay float64, as torch's clip
+        dt = _F64 if coef.dtype == _F64 else _F32
+        coef = torch.clamp(coef.to(device=dslice.device, dtype=dt), max=1.0)
         on_cpu = dslice.device.type == "cpu"
         if coef.dim() == 0:
             # Reading a CPU tensor is no device sync: skip the pass when nothing is clipped.

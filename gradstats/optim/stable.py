@@ -603,12 +603,8 @@ class StableOptimizer(Optimizer):
         per_group = prog.per_group_coef or bool(prog.rest)
         coef = f.get("clip_coef") if ((per_group or not fold) and prog.has_clip) else None
         if fold:
-            if per_group:
-                gs = amp_scale
-            elif coef is not None:
-                gs = f.get("grad_scale")
-            else:
-                gs = amp_scale
+            # one global coefficient rides on grad_scale (= S / c, with the AMP scale S)
+            gs = f.get("grad_scale") if (prog.has_clip and not per_group) else amp_scale
             folded_step(self.optimizer, grads, coef, per_group, gs,
                         f.get("found_inf") if (may_skip and not decide_on_host) else None)
         else:

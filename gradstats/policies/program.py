@@ -369,7 +369,7 @@ def run_torch(prog: Program, norm: Tensor, total: Tensor, max_abs: Optional[Tens
     prog.counters.add_(torch.stack([torch.ones((), dtype=torch.bool, device=dev), skip, skip_nf,
                                     skip_spike, clipped.any(), nonfinite]))
     c0 = coef_g[0] if G else torch.ones((), dtype=F32, device=dev)
-    grad_scale = c0.reciprocal() if amp_scale is None else amp_scale.to(dev, F32) / c0
+    grad_scale = (c0.reciprocal() if amp_scale is None else amp_scale.to(dev, F32) / c0).to(F32)
     return {"norm": norm, "total_norm": total, "max_abs": max_abs, "clip_coef": coef_g,
             "grad_scale": grad_scale, "found_inf": skip.to(F32), "skipped": skip,
             "skipped_nonfinite": skip_nf, "skipped_spike": skip_spike,

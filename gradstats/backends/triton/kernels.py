@@ -98,7 +98,7 @@ def _chunk_base(ptrs_ptr, meta_ptr, pid, DTYPE: tl.constexpr, ALIGNED: tl.conste
 def grad_stats_chunks_kernel(
     ptrs_ptr,  # int64 [T]: data pointer of each tensor (this call's addresses)
     meta_ptr,  # int64 [n, 5]: (tensor, element offset, length, slot, group) per chunk
-    acc_ptr,  # float32 [C] out: sum |x|^p over finite x (max |x| for p = inf)
+    acc_ptr,  # float64 [C] out: sum |x|^p over finite x (max |x| for p = inf)
     max_ptr,  # float32 [C] out: max |x| over finite x (0 if none)
     nan_ptr,  # int32 [C] out: NaN count
     inf_ptr,  # int32 [C] out: +-Inf count
@@ -108,7 +108,8 @@ def grad_stats_chunks_kernel(
     ALIGNED: tl.constexpr,  # every chunk address of this launch is 16-byte aligned
 ):
     # Bytes moved per program: reads length * sizeof(DTYPE) of gradient + 48 bytes of
-    # tables; writes 16 bytes of partials. The gradients are read exactly once per call.
+    # tables; writes 20 bytes of partials. The gradients are read exactly once per call
+    # (twice for a chunk of values beyond float32's safe range for |x|^p, see below).
     pid = tl.program_id(0)
     base, n = _chunk_base(ptrs_ptr, meta_ptr, pid, DTYPE, ALIGNED)
     slot = tl.load(meta_ptr + pid * 5 + 3)
@@ -133,9 +134,34 @@ def grad_stats_chunks_kernel(
 
     mx_s = tl.max(mx, axis=0)
     if NORM == 0:
-        tl.store(acc_ptr + slot, mx_s)
+        tl.store(acc_ptr + slot, mx_s.to(tl.float64))
     else:
-        tl.store(acc_ptr + slot, tl.sum(acc, axis=0))
+        a64 = tl.sum(acc, axis=0).to(tl.float64)
+        # A chunk whose values are so small (or large) that |x|^p under- (over-)flows
+        # float32 is summed again, scaled by a power of two: rare, and exact scaling.
+        if NORM == 2:
+            rescale = (mx_s > 7.2e16) | ((mx_s < 8.7e-19) & (mx_s > 0.0))  # 2^56, 2^-60
+        else:
+            rescale = mx_s > 1.2e33  # 2^110: a sum of 2^16 values stays below 2^126
+        if rescale:
+            e = ((mx_s.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+            e = tl.minimum(e, 126)
+            s = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2^-e, exactly
+            acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, n, BLOCK):
+                idx2 = start + offs
+                x2 = _as_f32(tl.load(base + idx2, mask=idx2 < n, other=0.0), DTYPE)
+                ax2 = tl.abs(x2)
+                f2 = tl.where(ax2 < float("inf"), ax2, 0.0) * s
+                if NORM == 2:
+                    acc2 += f2 * f2
+                else:
+                    acc2 += f2
+            up = ((1023 + e.to(tl.int64)) << 52).to(tl.float64, bitcast=True)  # 2^e
+            if NORM == 2:
+                up = up * up
+            a64 = tl.sum(acc2, axis=0).to(tl.float64) * up
+        tl.store(acc_ptr + slot, a64)
     tl.store(max_ptr + slot, mx_s)
     tl.store(nan_ptr + slot, tl.sum(n_nan, axis=0))
     tl.store(inf_ptr + slot, tl.sum(n_inf, axis=0))
@@ -146,7 +172,7 @@ def _reduce_slots(acc_ptr, max_ptr, nan_ptr, inf_ptr, lo, hi,
                   NORM: tl.constexpr, RBLOCK: tl.constexpr):
     """Reduce partial slots ``lo:hi`` in a fixed order; counts in int64."""
     offs = tl.arange(0, RBLOCK)
-    a = tl.zeros([RBLOCK], dtype=tl.float32)
+    a = tl.zeros([RBLOCK], dtype=tl.float64)
     m = tl.zeros([RBLOCK], dtype=tl.float32)
     cn = tl.zeros([RBLOCK], dtype=tl.int64)
     ci = tl.zeros([RBLOCK], dtype=tl.int64)
@@ -170,11 +196,11 @@ def _reduce_slots(acc_ptr, max_ptr, nan_ptr, inf_ptr, lo, hi,
 
 @triton.jit
 def _finish_norm(acc, n_nan, n_inf, NORM: tl.constexpr):
-    """NaN if any NaN, else Inf if any Inf, else acc ** (1/p)."""
+    """NaN if any NaN, else Inf if any Inf, else acc ** (1/p): float64 in, float32 out."""
     if NORM == 2:
-        v = tl.sqrt_rn(acc)
+        v = tl.sqrt(acc).to(tl.float32)
     else:
-        v = acc
+        v = acc.to(tl.float32)
     v = tl.where(n_inf > 0, float("inf"), v)
     v = tl.where(n_nan > 0, float("nan"), v)
     return v
@@ -194,7 +220,7 @@ def _clip_coef(max_norm, norm):
 
 @triton.jit
 def grad_stats_finalize_kernel(
-    acc_ptr, max_ptr, nan_ptr, inf_ptr,  # partials [C] from grad_stats_chunks_kernel
+    acc_ptr, max_ptr, nan_ptr, inf_ptr,  # partials [C] (acc float64) of the stats kernel
     gb_ptr,  # int32 [G+1]: slots gb[g]:gb[g+1] belong to group g
     tb_ptr,  # int32 [T+1]: slots tb[t]:tb[t+1] belong to tensor t
     outf_ptr,  # float32 out: norm[G] max_abs[G] acc[G] total[1] clip[1] t_acc[T] t_norm[T]
@@ -205,11 +231,11 @@ def grad_stats_finalize_kernel(
     HAS_CLIP: tl.constexpr,
     RBLOCK: tl.constexpr,
 ):
-    # Bytes moved: program 0 reads all 16*C bytes of partials and writes ~36*G bytes;
-    # program 1+t reads tensor t's 16 bytes per chunk and writes 24 bytes.
+    # Bytes moved: program 0 reads all 20*C bytes of partials and writes ~36*G bytes;
+    # program 1+t reads tensor t's 20 bytes per chunk and writes 24 bytes.
     pid = tl.program_id(0)
     if pid == 0:
-        tot = tl.zeros((), dtype=tl.float32)
+        tot = tl.zeros((), dtype=tl.float64)
         tot_nan = tl.zeros((), dtype=tl.int64)
         tot_inf = tl.zeros((), dtype=tl.int64)
         for g in range(0, G):  # groups in order: deterministic total
@@ -219,7 +245,7 @@ def grad_stats_finalize_kernel(
                                            NORM, RBLOCK)
             tl.store(outf_ptr + g, _finish_norm(ra, cn, ci, NORM))
             tl.store(outf_ptr + G + g, rm)
-            tl.store(outf_ptr + 2 * G + g, ra)
+            tl.store(outf_ptr + 2 * G + g, ra.to(tl.float32))
             tl.store(outi_ptr + g, cn)
             tl.store(outi_ptr + G + g, ci)
             tl.store(outi_ptr + 2 * G + g, cn + ci)
@@ -240,7 +266,7 @@ def grad_stats_finalize_kernel(
         ra, rm, cn, ci = _reduce_slots(acc_ptr, max_ptr, nan_ptr, inf_ptr, lo, hi,
                                        NORM, RBLOCK)
         base = 3 * G + 2
-        tl.store(outf_ptr + base + t, ra)
+        tl.store(outf_ptr + base + t, ra.to(tl.float32))
         tl.store(outf_ptr + base + T + t, _finish_norm(ra, cn, ci, NORM))
         tl.store(outi_ptr + 3 * G + t, cn)
         tl.store(outi_ptr + 3 * G + T + t, ci)
@@ -410,7 +436,7 @@ def step_finalize_kernel(
         gmask = offs_g < G
         norm = tl.zeros([BLOCK_G], dtype=tl.float32)
         mabs = tl.zeros([BLOCK_G], dtype=tl.float32)
-        tot = tl.zeros((), dtype=tl.float32)
+        tot = tl.zeros((), dtype=tl.float64)
         tot_nan = tl.zeros((), dtype=tl.int64)
         tot_inf = tl.zeros((), dtype=tl.int64)
         for g in range(0, G):  # groups in order: deterministic total

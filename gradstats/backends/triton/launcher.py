@@ -265,9 +265,9 @@ class Plan:
         self.gbounds = self.bounds[:G + 1]
         self.tbounds = self.bounds[G + 1:]
         nslots = max(C, 1)
-        pf = torch.zeros(2 * nslots, dtype=torch.float32, device=dev)
+        self.p_acc = torch.zeros(nslots, dtype=torch.float64, device=dev)
+        self.p_max = torch.zeros(nslots, dtype=torch.float32, device=dev)
         pi = torch.zeros(2 * nslots, dtype=torch.int32, device=dev)
-        self.p_acc, self.p_max = pf[:nslots], pf[nslots:]
         self.p_nan, self.p_inf = pi[:nslots], pi[nslots:]
         # the pointer table: the first call's addresses (a blocking copy at build time)
         self.ptrs = to_dev(ptr, torch.int64) if T else torch.zeros(1, dtype=torch.int64,
@@ -439,7 +439,7 @@ def compute_step(dslice: DeviceSlice, norm_type: float, per_tensor: bool, prog: 
     dev = plan.device
     lay = prog.out_layout
     ops = tuple(prog.op_codes) + (0,) * (6 - len(prog.op_codes))
-    dummy = plan.p_acc  # any device tensor, for absent optional inputs
+    dummy = plan.p_max  # any float32 device tensor, for absent optional inputs
     with _DeviceGuard(dev):
         _stats_pass(plan, dslice.tensors, code)
         outf = torch.empty(max(lay.size, 1), dtype=torch.float32, device=dev)
