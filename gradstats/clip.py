@@ -20,6 +20,7 @@ from .backends import registry
 from .core import grouping
 from .core.reduce import total_norm_like_torch
 from .core.stats import check_norm_type, compute_groups
+from .core.traced import is_tracing, scale_traced, stats_traced
 
 _TensorOrTensors = Union[Tensor, Iterable[Tensor]]
 
@@ -110,6 +111,14 @@ def get_total_norm(tensors: _TensorOrTensors, norm_type: float = 2.0,
         >>> total = gradstats.get_total_norm(grads, 2.0)
     """
     ts = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+    if pp_group is None and is_tracing():  # torch.compile: custom ops, no caches
+        p = _kernel_norm_type(norm_type)
+        if p is None or not ts:
+            return torch.nn.utils.get_total_norm(ts, norm_type, error_if_nonfinite, foreach)
+        total = stats_traced([ts], p, False)[1]
+        if error_if_nonfinite:
+            _raise_if_nonfinite(total, p)
+        return total
     if pp_group is not None:
         p = check_norm_type(norm_type)
     else:
@@ -150,12 +159,16 @@ def clip_grads_with_norm_(parameters: _TensorOrTensors, max_norm: float, total_n
     """
     m = check_max_norm(max_norm)
     params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
-    grads = grouping.grads_of(params)
+    grads = ([q.grad for q in params if q.grad is not None] if is_tracing()
+             else grouping.grads_of(params))
     if not grads:
         return
     if type(total_norm) is not Tensor and grouping.is_dtensor(total_norm):
         total_norm = total_norm.full_tensor()  # no communication when it is replicated
     coef = torch.clamp(m / (total_norm + 1e-6), max=1.0)  # float64 for float64 norms
+    if is_tracing():
+        scale_traced(grads, coef)
+        return
     scale_grads_([grads], coef)
 
 
@@ -205,6 +218,17 @@ def clip_grad_norm_(parameters: _TensorOrTensors, max_norm: float, norm_type: fl
         if is_gen and not params:
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.",
                           stacklevel=3)
+    if pp_group is None and is_tracing():  # torch.compile: custom ops, no caches
+        p = _kernel_norm_type(norm_type)
+        grads = [q.grad for q in params if q.grad is not None]
+        if p is None or not grads:
+            return torch.nn.utils.clip_grad_norm_(params, m, norm_type, error_if_nonfinite,
+                                                  foreach)
+        _, total, _, _, _, coef = stats_traced([grads], p, False, max_norm=m)
+        if error_if_nonfinite:
+            _raise_if_nonfinite(total, p)
+        scale_traced(grads, coef)
+        return total
     if pp_group is not None:
         p = check_norm_type(norm_type)
     else:

@@ -56,13 +56,15 @@ def _check_grad(t: Any, what: str) -> Tensor:
     return t
 
 
-def groups_of_params(params_or_groups: Any) -> List[List[Tensor]]:
+def groups_of_params(params_or_groups: Any, traced: bool = False) -> List[List[Tensor]]:
     """The ``.grad`` tensors of ``params_or_groups``, one list per group.
 
     Accepts a single tensor, an iterable of tensors/parameters (one group), an iterable of
     param-group dicts with a ``"params"`` entry (``optimizer.param_groups``), or one such
     dict (one group).
     Parameters whose ``.grad`` is ``None`` are skipped.
+
+    With ``traced=True`` (under ``torch.compile``) the gradients are read in Python only.
 
     Raises:
         TypeError: an element is neither a tensor nor a param-group dict.
@@ -81,13 +83,15 @@ def groups_of_params(params_or_groups: Any) -> List[List[Tensor]]:
                                 f"'params' entry, got {type(group).__name__}")
             ps = group["params"]
             ps = [ps] if isinstance(ps, Tensor) else list(ps)
-            out.append(_grads_of(ps, f"params_or_groups[{i}]['params']"))
+            out.append(_grads_of(ps, f"params_or_groups[{i}]['params']", traced))
         return out
-    return [_grads_of(items, "params_or_groups")]
+    return [_grads_of(items, "params_or_groups", traced)]
 
 
-def _grads_of(params: List[Any], what: str) -> List[Tensor]:
+def _grads_of(params: List[Any], what: str, traced: bool = False) -> List[Tensor]:
     try:
+        if traced:
+            return [p.grad for p in params if p.grad is not None]
         return grads_of(params)
     except AttributeError:  # an element without .grad: name it
         for p in params:

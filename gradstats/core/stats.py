@@ -11,6 +11,7 @@ from torch import Tensor
 from ..backends import registry
 from ..backends.base import DeviceSlice, FinalStats, Partials, finalize
 from . import grouping, reduce
+from .traced import is_tracing, stats_traced
 
 _ParamsOrGroups = Union[Tensor, Iterable[Tensor], Iterable[Dict[str, Any]]]
 
@@ -242,6 +243,14 @@ def grad_stats(params_or_groups: _ParamsOrGroups, norm_type: float = 2.0,
         (torch.Size([1]), torch.int64)
     """
     p = check_norm_type(norm_type)
+    if pp_group is None and is_tracing():  # torch.compile: custom ops, no caches
+        groups = grouping.groups_of_params(params_or_groups, traced=True)
+        with torch.no_grad():
+            norm, total, max_abs, nonfinite, ptn, _ = stats_traced(groups, p, per_tensor)
+        numel = torch.tensor([sum(g.numel() for g in gs) for gs in groups],
+                             dtype=torch.int64, device=norm.device)
+        return GradStats(norm=norm, total_norm=total, max_abs=max_abs, nonfinite=nonfinite,
+                         numel=numel, per_tensor_norm=ptn, norm_type=p)
     groups = grouping.groups_of_params(params_or_groups)
     with torch.no_grad():
         st, _, _ = compute_groups(groups, p, per_tensor, backend, full=True,
