@@ -280,7 +280,7 @@ class TorchBackend(Backend):
             # Reading a CPU tensor is no device sync: skip the pass when nothing is clipped.
             if on_cpu and bool(coef >= 1.0):
                 return
-            torch._foreach_mul_(dslice.tensors, coef)
+            _mul_(dslice.tensors, coef, on_cpu)
             return
         bounds = dslice.group_bounds
         for g in range(dslice.num_groups):
@@ -290,4 +290,25 @@ class TorchBackend(Backend):
             c = coef[g]
             if on_cpu and bool(c >= 1.0):
                 continue
-            torch._foreach_mul_(sub, c)
+            _mul_(sub, c, on_cpu)
+
+
+def _mul_(ts: List[Tensor], c: Tensor, on_cpu: bool) -> None:
+    """``t = t * c`` computed in ``c``'s precision and rounded once to ``t``'s dtype.
+
+    On CUDA, torch's ``_foreach_mul_`` by a float32 0-dim tensor takes its slow route for
+    16-bit tensors and rounds the coefficient to the tensor's dtype first (a different
+    result from the fused kernels and from the CPU); there the 16-bit gradients are
+    multiplied in float32 and rounded once.
+    """
+    if on_cpu:
+        torch._foreach_mul_(ts, c)
+        return
+    low = [t for t in ts if t.dtype in (torch.float16, torch.bfloat16)]
+    if len(low) != len(ts):
+        torch._foreach_mul_([t for t in ts if t.dtype not in (torch.float16, torch.bfloat16)],
+                            c)
+    if low:
+        wide = [t.float() for t in low]
+        torch._foreach_mul_(wide, c.to(_F32))
+        torch._foreach_copy_(low, wide)

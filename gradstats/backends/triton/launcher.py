@@ -491,4 +491,9 @@ def scale_(dslice: DeviceSlice, coef: Tensor) -> None:
             eff = coef.clamp(max=1.0)  # NaN stays NaN; >= 1 becomes exactly 1 (a no-op)
             ts = dslice.tensors
             for i, g in plan.torch_scaled:
-                ts[i].mul_(eff[g] if per_group else eff)
+                c = eff[g] if per_group else eff
+                t = ts[i]
+                if t.dtype == torch.float32:
+                    t.mul_(c)
+                else:  # in float32, rounded once (a 16-bit mul_ would round c first)
+                    t.copy_(t.float() * c)
