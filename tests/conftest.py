@@ -36,6 +36,14 @@ def _no_env_backend(monkeypatch):
     monkeypatch.delenv("GRADSTATS_BACKEND", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _cuda_sync_mode_restored():
+    """A CUDA test that turns on sync debugging never leaks it into the next test."""
+    yield
+    if torch.cuda.is_available() and torch.cuda.get_sync_debug_mode() != 0:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models: one intra-op thread is fastest, and steady when the CPU is shared."""

@@ -708,20 +708,20 @@ def test_cuda_fused_step_makes_no_host_sync():
     opt = StableOptimizer(O.AdamW(m.parameters(), fused=True), max_norm=1.0,
                           spike=P.SpikeSkip(window=8, warmup=4))
     batches = _cuda_batches(12)
-    for i, (x, y) in enumerate(batches):
-        if i == 2:  # warm-up done: from here on, any synchronisation is an error
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-        try:
+    nan_at = torch.tensor([float("nan")], device="cuda")
+    try:
+        for i, (x, y) in enumerate(batches):
+            if i == 2:  # warm-up done: from here on, any synchronisation is an error
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
             loss = torch.nn.functional.mse_loss(m(x), y)
-            opt.zero_grad()
+            opt.zero_grad()  # set_to_none: backward() allocates new gradients (they move)
             loss.backward()
             if i == 6:
-                next(m.parameters()).grad[0, 0] = float("nan")
+                next(m.parameters()).grad[0, :1].copy_(nan_at)
             opt.step()
-        finally:
-            if i == len(batches) - 1:
-                torch.cuda.set_sync_debug_mode(0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
     assert opt.summary()["skipped_by_reason"]["nonfinite"] == 1
 
 

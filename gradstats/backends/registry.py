@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
+from ..core.cache import LRU
 from .base import Backend, DeviceSlice
 
 BACKEND_NAMES = ("triton", "native", "torch")
@@ -77,7 +77,7 @@ def _default_order(device_type: str) -> Tuple[str, ...]:
     return ("torch",)
 
 
-_SELECTED: "OrderedDict[tuple, Backend]" = OrderedDict()
+_SELECTED: "LRU[Backend]" = LRU(64, "backend choices")
 
 
 def select(dslice: DeviceSlice, norm_type: float, backend: Optional[str]) -> Backend:
@@ -97,9 +97,7 @@ def select(dslice: DeviceSlice, norm_type: float, backend: Optional[str]) -> Bac
             return hit
     chosen = _select(dslice, norm_type, forced)
     if ck is not None:
-        _SELECTED[ck] = chosen
-        if len(_SELECTED) > 64:
-            _SELECTED.popitem(last=False)
+        _SELECTED.put(ck, chosen)
     return chosen
 
 

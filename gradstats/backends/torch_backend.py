@@ -10,51 +10,39 @@ eager passes per tensor (correct, slow: the Triton and native backends do it in 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from ..core.cache import LRU, device_tensor
 from .base import Backend, DeviceSlice, Partials, finalize
 
 _F32 = torch.float32
 
 
-class _IndexCache:
-    """Device index tensors for deterministic per-group reductions (small LRU)."""
-
-    def __init__(self, size: int = 32) -> None:
-        self._d: "OrderedDict[tuple, Tuple[Tensor, int]]" = OrderedDict()
-        self._size = size
-
-    def get(self, dslice: DeviceSlice) -> Tuple[Tensor, int]:
-        device, G = dslice.device, dslice.num_groups
-        layout = dslice.group_sizes if dslice.group_sizes is not None else tuple(dslice.group_of)
-        key = (device, layout, G)
-        hit = self._d.get(key)
-        if hit is not None:
-            self._d.move_to_end(key)
-            return hit
-        group_of = dslice.group_of
-        counts = [0] * G
-        pos = []
-        width = 1
-        for g in group_of:
-            counts[g] += 1
-        width = max([1] + counts)
-        seen = [0] * G
-        for g in group_of:
-            pos.append(g * width + seen[g])
-            seen[g] += 1
-        val = (torch.tensor(pos, dtype=torch.long, device=device), width)
-        self._d[key] = val
-        if len(self._d) > self._size:
-            self._d.popitem(last=False)
-        return val
+def _group_index(dslice: DeviceSlice) -> Tuple[Tensor, int]:
+    """(position of each tensor in a zero-padded [G, width] matrix, width), cached by the
+    group layout (structure only)."""
+    device, G = dslice.device, dslice.num_groups
+    layout = dslice.group_sizes if dslice.group_sizes is not None else tuple(dslice.group_of)
+    key = (device, layout, G)
+    hit = _INDEX.get(key)
+    if hit is not None:
+        return hit
+    counts = [0] * G
+    for g in dslice.group_of:
+        counts[g] += 1
+    width = max([1] + counts)
+    seen = [0] * G
+    pos = []
+    for g in dslice.group_of:
+        pos.append(g * width + seen[g])
+        seen[g] += 1
+    return _INDEX.put(key, (device_tensor(pos, torch.long, device), width))
 
 
-_INDEX = _IndexCache()
+_INDEX: "LRU[Tuple[Tensor, int]]" = LRU(32, "group index tensors")
 
 
 def group_reduce(vals: Tensor, dslice: DeviceSlice, op: str) -> Tensor:
@@ -64,7 +52,7 @@ def group_reduce(vals: Tensor, dslice: DeviceSlice, op: str) -> Tensor:
     reduces along rows. ``op`` is ``"sum"`` or ``"max"``; values must be >= 0 (or NaN).
     """
     G = dslice.num_groups
-    pos, width = _INDEX.get(dslice)
+    pos, width = _group_index(dslice)
     pad = torch.zeros(G * width, dtype=vals.dtype, device=vals.device)
     pad.index_copy_(0, pos, vals)
     pad = pad.view(G, width)

@@ -63,6 +63,7 @@ from torch import Tensor
 from ..backends import registry
 from ..backends.base import FinalStats, Partials, apply_nonfinite, finalize
 from . import grouping
+from .cache import LRU, device_tensor
 from .grouping import is_dtensor, local_groups
 
 __all__ = ["reduce_groups", "last_reduction", "total_norm_like_torch", "as_process_group"]
@@ -104,7 +105,7 @@ class _Plan:
         self.T = 0
 
 
-_PLANS: Dict[tuple, _Plan] = {}
+_PLANS: "LRU[_Plan]" = LRU(32, "distributed reduction plans")
 
 
 def _is_shard_like(pl: Any) -> bool:
@@ -234,17 +235,14 @@ def _build_plan(flat: List[Tensor], sizes: Tuple[int, ...], pp: Any, per_tensor:
 def _plan_for(flat: List[Tensor], sizes: Tuple[int, ...], pp: Any, per_tensor: bool,
               what: str) -> _Plan:
     if flat and is_dtensor(flat[0]):
-        sig = tuple((id(g.device_mesh), g.placements) if is_dtensor(g) else None
+        sig = tuple((g.device_mesh, g.placements) if is_dtensor(g) else None
                     for g in flat)
     else:
         sig = None  # plain tensors: the layout is all the plan depends on
-    key = (sizes, sig, id(pp) if pp is not None else None, per_tensor, len(flat))
+    key = (sizes, sig, pp, per_tensor, len(flat))
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _build_plan(flat, sizes, pp, per_tensor, what)
-        if len(_PLANS) > 32:
-            _PLANS.clear()
-        _PLANS[key] = plan
+        plan = _PLANS.put(key, _build_plan(flat, sizes, pp, per_tensor, what))
     return plan
 
 
@@ -408,7 +406,7 @@ def _buffer_device(locs: List[List[Tensor]], plan: _Plan, pp: Any) -> torch.devi
     return torch.device("cpu")
 
 
-_NUMEL: Dict[Any, Tensor] = {}
+_NUMEL: "LRU[Tensor]" = LRU(64, "global element counts")
 
 
 def _numel_of(groups: List[List[Tensor]], device: torch.device) -> Tensor:
@@ -417,10 +415,7 @@ def _numel_of(groups: List[List[Tensor]], device: torch.device) -> Tensor:
     key = (vals, device)
     t = _NUMEL.get(key)
     if t is None:
-        t = torch.tensor(vals, dtype=_I64, device=device)
-        if len(_NUMEL) > 64:
-            _NUMEL.clear()
-        _NUMEL[key] = t
+        t = _NUMEL.put(key, device_tensor(list(vals), _I64, device))
     return t
 
 

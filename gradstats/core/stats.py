@@ -11,6 +11,7 @@ from torch import Tensor
 from ..backends import registry
 from ..backends.base import DeviceSlice, FinalStats, Partials, finalize
 from . import grouping, reduce
+from .cache import LRU, device_tensor
 from .traced import is_tracing, stats_traced
 
 _ParamsOrGroups = Union[Tensor, Iterable[Tensor], Iterable[Dict[str, Any]]]
@@ -90,19 +91,18 @@ def check_norm_type(norm_type: Any) -> float:
     return p
 
 
-_NUMEL_CACHE: Dict[tuple, Tensor] = {}
+_NUMEL_CACHE: "LRU[Tensor]" = LRU(64, "element counts")
 
 
 def numel_tensor(groups: List[List[Tensor]], slices: List[DeviceSlice],
-                  device: torch.device) -> Tensor:
+                 device: torch.device) -> Tensor:
+    """int64 [G] element counts of ``groups`` on ``device``, cached by structure (made
+    without a host sync)."""
     key = (device, slices[0].key if len(slices) == 1 else tuple(s.key for s in slices))
     t = _NUMEL_CACHE.get(key)
     if t is None:
         vals = [sum(g.numel() for g in grads) for grads in groups]
-        t = torch.tensor(vals, dtype=torch.int64, device=device)
-        if len(_NUMEL_CACHE) > 64:
-            _NUMEL_CACHE.clear()
-        _NUMEL_CACHE[key] = t
+        t = _NUMEL_CACHE.put(key, device_tensor(vals, torch.int64, device))
     return t
 
 

@@ -27,7 +27,7 @@ def check_grad_scaler(grad_scaler: Any) -> Any:
     Raises:
         TypeError: anything else.
     """
-    if grad_scaler is not None and not hasattr(grad_scaler, "_per_optimizer_states"):
+    if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
         raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got "
                         f"{type(grad_scaler).__name__}")
     return grad_scaler

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ..core import running
+from ..core.layout import Layout
 from .base import F32, Decision, FusedSpec, Policy, Rule, StepContext
 from .rules import SkipNonFinite, SpikeSkip
 
@@ -56,37 +57,6 @@ OP_WORDS = 5
 #: Flag fields stored as 0.0 / 1.0 in the float output buffer.
 BOOL_FIELDS = ("skipped", "skipped_nonfinite", "skipped_spike", "nonfinite", "clipped",
                "spike_flags")
-
-
-class Layout:
-    """Named, contiguous ``(offset, numel)`` entries of a flat buffer."""
-
-    __slots__ = ("entries", "size")
-
-    def __init__(self) -> None:
-        self.entries: Dict[str, Tuple[int, int]] = {}
-        self.size = 0
-
-    def add(self, name: str, numel: int) -> int:
-        if name in self.entries:
-            raise KeyError(f"layout entry {name!r} defined twice")
-        off = self.size
-        self.entries[name] = (off, int(numel))
-        self.size += int(numel)
-        return off
-
-    def offset(self, name: str) -> int:
-        return self.entries[name][0]
-
-    def view(self, buf: Tensor, name: str) -> Tensor:
-        off, n = self.entries[name]
-        return buf.narrow(0, off, n)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.entries
-
-    def __repr__(self) -> str:
-        return f"Layout({self.entries})"
 
 
 class Fields:

@@ -52,6 +52,7 @@ from torch import Tensor
 import triton.language as tl
 
 from ...core.cache import LRU
+from ...core.layout import Layout
 from ..base import DeviceSlice, FinalStats, Partials, dense_span_ok
 from . import kernels as K
 
@@ -376,6 +377,19 @@ def _stats_pass(plan: Plan, ts: List[Tensor], code: int) -> None:
             num_warps=plan.num_warps)
 
 
+def stats_layouts(G: int, T: int) -> Tuple[Layout, Layout]:
+    """Named layouts of the two output buffers of ``grad_stats_finalize_kernel`` (float32,
+    int64), in the order the kernel writes them."""
+    f, i = Layout(), Layout()
+    for name, n in (("norm", G), ("max_abs", G), ("acc", G), ("total_norm", 1),
+                    ("clip_coef", 1), ("t_acc", T), ("t_norm", T)):
+        f.add(name, n)
+    for name, n in (("n_nan", G), ("n_inf", G), ("nonfinite", G), ("t_nan", T),
+                    ("t_inf", T)):
+        i.add(name, n)
+    return f, i
+
+
 def compute(dslice: DeviceSlice, norm_type: float, per_tensor: bool,
             max_norm: Optional[float] = None) -> Partials:
     """One statistics pass + one finalize launch (see :class:`TritonBackend.compute`)."""
@@ -384,29 +398,27 @@ def compute(dslice: DeviceSlice, norm_type: float, per_tensor: bool,
     G = plan.G
     T = plan.T if per_tensor else 0
     dev = plan.device
+    fl, il = stats_layouts(G, T)
     with _DeviceGuard(dev):
         _stats_pass(plan, dslice.tensors, code)
         # Fresh outputs every call: callers keep old statistics.
-        outf = torch.empty(3 * G + 2 + 2 * T, dtype=torch.float32, device=dev)
-        outi = torch.empty(3 * G + 2 * T, dtype=torch.int64, device=dev)
+        outf = torch.empty(fl.size, dtype=torch.float32, device=dev)
+        outi = torch.empty(il.size, dtype=torch.int64, device=dev)
         has_clip = max_norm is not None
         K.grad_stats_finalize_kernel[(1 + T,)](
             plan.p_acc, plan.p_max, plan.p_nan, plan.p_inf, plan.gbounds, plan.tbounds,
             outf, outi, G, T, float(max_norm) if has_clip else 0.0,
             NORM=code, HAS_CLIP=has_clip, RBLOCK=plan.final_block, num_warps=4)
-    norm, max_abs, acc = outf[:G], outf[G:2 * G], outf[2 * G:3 * G]
-    total = outf[3 * G]
-    clip = outf[3 * G + 1] if has_clip else None
-    n_nan, n_inf, nonfinite = outi[:G], outi[G:2 * G], outi[2 * G:3 * G]
-    t_acc = t_norm = t_nan = t_inf = None
-    if per_tensor:
-        b = 3 * G + 2
-        t_acc, t_norm = outf[b:b + T], outf[b + T:b + 2 * T]
-        t_nan, t_inf = outi[3 * G:3 * G + T], outi[3 * G + T:3 * G + 2 * T]
-    final = FinalStats(norm=norm, total_norm=total, max_abs=max_abs, nonfinite=nonfinite,
-                       per_tensor_norm=t_norm, clip_coef=clip)
-    return Partials(acc=acc, max_abs=max_abs, n_nan=n_nan, n_inf=n_inf, t_acc=t_acc,
-                    t_nan=t_nan, t_inf=t_inf, final=final)
+    f = {n: fl.view(outf, n) for n in fl.entries}
+    i = {n: il.view(outi, n) for n in il.entries}
+    final = FinalStats(norm=f["norm"], total_norm=f["total_norm"].view(()),
+                       max_abs=f["max_abs"], nonfinite=i["nonfinite"],
+                       per_tensor_norm=f["t_norm"] if per_tensor else None,
+                       clip_coef=f["clip_coef"].view(()) if has_clip else None)
+    return Partials(acc=f["acc"], max_abs=f["max_abs"], n_nan=i["n_nan"], n_inf=i["n_inf"],
+                    t_acc=f["t_acc"] if per_tensor else None,
+                    t_nan=i["t_nan"] if per_tensor else None,
+                    t_inf=i["t_inf"] if per_tensor else None, final=final)
 
 
 class StepOut:
