@@ -20,7 +20,7 @@ Sections (each wrapped: a failure is recorded and the next section runs):
    ``grad_stats``, ``get_total_norm``, ``clip_grad_norm_`` (GPU only).
 3. ``graphs``: CUDA-graph capture and replay of ``clip_grad_norm_`` and ``grad_stats``
    give bit-identical results to eager, on data that clips and data that does not.
-4. ``perf``: the DESIGN.md §6 sets; median time (CUDA events, L2 flushed before each
+4. ``perf``: the the project's benchmark sets (benchmarks/shapes.py) sets; median time (CUDA events, L2 flushed before each
    call, as ``triton.testing.do_bench``), effective GB/s, % of the read ceiling measured
    in this run, speedups against each eager baseline, ratio to the one-read floor of the
    same bytes; and ``host``: host microseconds per call on tiny tensors (cached metadata).
@@ -100,7 +100,7 @@ T0 = time.perf_counter()
 SEED = ARGS.seed if ARGS.seed is not None else int(time.time()) % 100000
 SECTIONS = ("correctness", "huge", "sync", "graphs", "perf", "host", "sweep", "optimizer")
 WANT = set(SECTIONS) if ARGS.sections == "all" else set(ARGS.sections.split(","))
-TOL = 1e-5  # DESIGN.md §4: relative error of every norm against float64
+TOL = 1e-5  # docs/architecture.md §4: relative error of every norm against float64
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 ALL_BACKENDS = ("triton", "native", "torch")

@@ -1,4 +1,4 @@
-"""Gradient sets of DESIGN.md §6, as shape lists and as tensors.
+"""The benchmark gradient sets (GPT-2, Llama, ResNet-50, 2000 small tensors, one huge tensor), as shape lists and as tensors.
 
 Every set is a list of ``(shape, group)`` pairs in parameter order. ``group`` follows the
 usual optimizer split: 0 for weights with two or more dimensions, 1 for the 1-D rest

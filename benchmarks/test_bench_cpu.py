@@ -1,4 +1,4 @@
-"""CPU benchmark suite: gradstats vs the eager baselines on scaled-down DESIGN.md §6 sets.
+"""CPU benchmark suite: gradstats vs the eager baselines on scaled-down the project's benchmark sets (benchmarks/shapes.py) sets.
 
 Run (timings):      pytest benchmarks/test_bench_cpu.py
 Smoke test (CI):    pytest benchmarks/test_bench_cpu.py --benchmark-disable   (each once)
@@ -34,7 +34,7 @@ from gradstats.core import reference as R  # noqa: E402
 SCALE = float(os.environ.get("GRADSTATS_BENCH_SCALE", 1 / 16))
 SET_NAMES = ("gpt2-124M", "small-2000")
 
-# Relative error allowed against float64 (DESIGN.md §4: 1e-5 for every gradstats backend).
+# Relative error allowed against float64 (docs/architecture.md §4: 1e-5 for every gradstats backend).
 # torch's own float32 CPU reductions (torch._foreach_norm / linalg.vector_norm, which the
 # torch.nn.utils baselines use) lose accuracy with the tensor size: 7.6e-4 on GPT-2 at full
 # size (2.4e-3 on the 38.6M-element wte alone), so the baselines get a loose bound.
@@ -100,7 +100,7 @@ def _check_stats(st, ref: R.RefStats, tol: float) -> None:
 # --------------------------------------------------------------------------- stats
 
 def test_counts_match_design():
-    """The full-size sets have the tensor counts DESIGN.md §6 states."""
+    """The full-size sets have the tensor counts the project's benchmark sets (benchmarks/shapes.py) states."""
     assert S.check_counts() == S.STATED_COUNTS
 
 

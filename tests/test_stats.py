@@ -1,4 +1,4 @@
-"""grad_stats on every available backend against the reference (DESIGN.md §4)."""
+"""grad_stats on every available backend against the reference (docs/architecture.md §4)."""
 import math
 
 import pytest

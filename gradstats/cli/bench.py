@@ -1,6 +1,6 @@
 """``gradstats bench``: gradstats against the eager torch baselines, on the available device.
 
-For each gradient set (shapes of real models, DESIGN.md §6) and each operation, the torch
+For each gradient set (shapes of real models, as in benchmarks/shapes.py) and each operation, the torch
 way and the gradstats way run on the same gradient tensors in one process; the table gives
 the best time of alternating calls (torch and gradstats take turns, so
 load from other processes hits both alike; the median is in the JSON), the gradient bytes

@@ -3,7 +3,7 @@
 Every backend is tested against these functions. They are slow on purpose: no fusion,
 no caching, nothing clever, so that they are easy to read and to trust.
 
-Semantics (DESIGN.md §4):
+Semantics (docs/architecture.md §4):
 
 * ``norm[g]``: the p-norm of all gradient elements of group ``g`` viewed as one vector;
   NaN if any element is NaN, else +Inf if any is +-Inf (torch's propagation).
