@@ -1,4 +1,4 @@
-"""CPU benchmark suite: gradstats vs the eager baselines on scaled-down the project's benchmark sets (benchmarks/shapes.py) sets.
+"""CPU benchmark suite: gradstats vs the eager baselines on scaled-down benchmark sets (benchmarks/shapes.py).
 
 Run (timings):      pytest benchmarks/test_bench_cpu.py
 Smoke test (CI):    pytest benchmarks/test_bench_cpu.py --benchmark-disable   (each once)

@@ -35,7 +35,7 @@ def _run(cmd, timeout):
 
 def test_gpu_check_cpu_smoke(tmp_path):
     rc, out = _run([sys.executable, os.path.join(BENCH, "gpu_check.py"), "--cpu-smoke",
-                    "--out", str(tmp_path)], timeout=150)
+                    "--out", str(tmp_path)], timeout=600)
     assert rc == 0, out
     res = json.loads((tmp_path / "gpu_check.json").read_text())
     assert res["meta"]["mode"] == "cpu-smoke"
@@ -58,3 +58,22 @@ def test_cpu_bench_suite_runs_once():
                     "--benchmark-disable", "-q", "-p", "no:cacheprovider"], timeout=150)
     assert rc == 0, out
     assert " passed" in out and "failed" not in out, out
+
+
+def test_step_host_benchmarks_run_once():
+    pytest.importorskip("pytest_benchmark")
+    rc, out = _run([sys.executable, "-m", "pytest", os.path.join(BENCH, "test_bench_step.py"),
+                    "--benchmark-disable", "-q", "-p", "no:cacheprovider"], timeout=300)
+    assert rc == 0, out
+    assert " passed" in out and "failed" not in out, out
+
+
+def test_end_to_end_step_cpu_mode(tmp_path):
+    """The GPT-2-shaped end-to-end benchmark in its tiny CPU mode: every arm trains."""
+    rc, out = _run([sys.executable, os.path.join(BENCH, "bench_e2e.py"), "--tiny", "--device",
+                    "cpu", "--steps", "3", "--warmup", "2", "--out", str(tmp_path)], timeout=300)
+    assert rc == 0, out
+    res = json.loads((tmp_path / "bench_e2e.json").read_text())
+    assert set(res["best"]) == {"bare", "torch_clip", "stable", "stable_spike_log"}
+    assert all(v > 0 for v in res["best"].values())
+    assert "| stable |" in out
