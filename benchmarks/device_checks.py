@@ -108,6 +108,10 @@ def _close(a, b, tol=2e-5) -> bool:
 
 
 def section_decide() -> Dict[str, Any]:
+    return section_decide_for(*[b for b in _backends() if b != "torch"])
+
+
+def section_decide_for(*backends: str) -> Dict[str, Any]:
     rows = []
     ok = True
     saved = native.CUDA_DECIDE_VERIFIED
@@ -116,7 +120,7 @@ def section_decide() -> Dict[str, Any]:
         for name, kw in CHAINS.items():
             for amp in (False, True):
                 ref, ref_p, ref_s = _run_decide("torch", kw, 14, amp)
-                for be in [b for b in _backends() if b != "torch"]:
+                for be in backends:
                     try:
                         got, got_p, got_s = _run_decide(be, kw, 14, amp)
                         bad = [f"step {i} {key}" for i, (r, g) in enumerate(zip(ref, got))
@@ -140,9 +144,13 @@ def section_decide() -> Dict[str, Any]:
 
 
 def section_sync() -> Dict[str, Any]:
+    return section_sync_for(*_backends())
+
+
+def section_sync_for(*backends: str) -> Dict[str, Any]:
     rows = []
     ok = True
-    for be in _backends():
+    for be in backends:
         m = _model()
         opt = gradstats.StableOptimizer(torch.optim.AdamW(m.parameters(), fused=True),
                                         max_norm=1.0, backend=be,
@@ -240,41 +248,89 @@ def _host_us(fn: Callable[[], Any], n: int = 300) -> float:
     return min(ts)
 
 
-def section_host() -> Dict[str, Any]:
+def section_host(backends: Any = None, tag: str = "") -> Dict[str, Any]:
+    backends = _backends() if backends is None else backends
     rows = []
     ps = [torch.nn.Parameter(torch.randn(256, device=DEV)) for _ in range(150)]
     for p in ps:
         p.grad = torch.randn(256, device=DEV)
     grads = [p.grad for p in ps]
-    rows.append(("torch clip_grad_norm_ (foreach)",
-                 _host_us(lambda: torch.nn.utils.clip_grad_norm_(ps, 1e9))))
-    for be in _backends():
+    if not tag:
+        rows.append(("torch clip_grad_norm_ (foreach)",
+                     _host_us(lambda: torch.nn.utils.clip_grad_norm_(ps, 1e9))))
+    for be in backends:
         os.environ["GRADSTATS_BACKEND"] = be
         n = 30 if be == "torch" else 300  # the torch fallback is slow by design
         try:
             registry.clear_selection_cache()
-            rows.append((f"gradstats clip_grad_norm_ [{be}]",
+            rows.append((f"gradstats clip_grad_norm_ [{be}]{tag}",
                          _host_us(lambda: gradstats.clip_grad_norm_(ps, 1e9), n)))
-            rows.append((f"gradstats get_total_norm [{be}]",
+            rows.append((f"gradstats get_total_norm [{be}]{tag}",
                          _host_us(lambda: gradstats.get_total_norm(grads), n)))
-            rows.append((f"gradstats grad_stats [{be}]",
+            rows.append((f"gradstats grad_stats [{be}]{tag}",
                          _host_us(lambda: gradstats.grad_stats(ps), n)))
         finally:
             os.environ.pop("GRADSTATS_BACKEND", None)
             registry.clear_selection_cache()
     bare = torch.optim.AdamW(ps, fused=True)
-    rows.append(("bare AdamW(fused).step()", _host_us(bare.step, 100)))
-    for be in [b for b in _backends() if b != "torch"]:
+    rows.append(("bare AdamW(fused).step()" + tag, _host_us(bare.step, 100)))
+    for be in [b for b in backends if b != "torch"]:
         st = gradstats.StableOptimizer(torch.optim.AdamW(ps, fused=True), max_norm=1.0,
                                        backend=be)
-        rows.append((f"StableOptimizer(max_norm=1).step() [{be}]", _host_us(st.step, 100)))
+        rows.append((f"StableOptimizer(max_norm=1).step() [{be}]{tag}",
+                     _host_us(st.step, 100)))
     for name, us in rows:
         print(f"  host {name:48s} {us:8.1f} us")
     return {"ok": True, "rows": [{"call": n, "us": u} for n, u in rows]}
 
 
+def section_direct() -> Dict[str, Any]:
+    """The Triton direct-launch mode (opt-in until verified): correctness against the
+    reference and the normal launch path, and its host time."""
+    if "triton" not in _backends():
+        return {"ok": True, "note": "triton unavailable"}
+    from gradstats.backends.triton import launcher as L
+    from gradstats.core import reference as R
+    rows = []
+    ok = True
+    g = torch.Generator(device=DEV).manual_seed(11)
+    try:
+        L.DIRECT = True
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            ts = [torch.randn(s, generator=g, device=DEV).to(dt)
+                  for s in [(3, 1000), (77,), (65536 * 2 + 5,), (0,), (4096,)]]
+            ts[1][3] = float("nan") if dt != torch.float32 else ts[1][3]
+            ts.append(torch.randn(40, 30, generator=g, device=DEV).to(dt).t())
+            ps = [torch.nn.Parameter(t.clone()) for t in ts]
+            for p, t in zip(ps, ts):
+                p.grad = t
+            for p_ in (2.0, 1.0, math.inf):
+                st = gradstats.grad_stats([{"params": ps[:3]}, {"params": ps[3:]}], p_,
+                                          per_tensor=True, backend="triton")
+                ref = R.ref_grad_stats([ts[:3], ts[3:]], p_)
+                e = max(R.rel_err(st.norm, ref.norm), R.rel_err(st.total_norm, ref.total_norm),
+                        R.rel_err(st.per_tensor_norm, ref.per_tensor_norm))
+                good = e <= 1e-5 and R.max_abs_ok(st.max_abs, ref.max_abs)
+                ok = ok and good
+                rows.append({"dtype": str(dt), "p": p_, "rel_err": e, "ok": good})
+        dec = section_decide_for("triton")
+        ok = ok and dec["ok"]
+        rows.append({"decide": dec})
+        sync = section_sync_for("triton")
+        ok = ok and sync["ok"]
+        rows.append({"sync": sync})
+        host = section_host(backends=["triton"], tag=" [direct]")
+        rows.append({"host": host["rows"]})
+    finally:
+        L.DIRECT = False
+    for r in rows[:-3]:
+        print(f"  direct {r['dtype']:15s} p={r['p']:<4} err {r['rel_err']:.1e} "
+              f"{'ok' if r['ok'] else 'FAIL'}")
+    return {"ok": ok, "rows": rows}
+
+
 SECTIONS = {"decide": section_decide, "sync": section_sync, "kernels": section_kernels_impl,
-            "host": section_host}
+            "host": section_host, "direct": section_direct}
 
 
 def main(argv=None) -> int:

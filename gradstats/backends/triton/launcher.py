@@ -69,6 +69,9 @@ FINAL_BLOCK: Optional[int] = None
 PLAN_CACHE_SIZE = 16
 #: Pinned pointer-upload buffers per plan.
 RING_SLOTS = 4
+#: Launch compiled kernels directly, skipping ``JITFunction.run``'s per-call argument
+#: binding (host time). Opt-in (``GRADSTATS_TRITON_DIRECT=1``) until verified on a GPU.
+DIRECT = os.environ.get("GRADSTATS_TRITON_DIRECT", "") == "1"
 
 INTERPRET = K.INTERPRET
 
@@ -367,14 +370,48 @@ def norm_code(norm_type: float) -> int:
     return code
 
 
+_COMPILED: "LRU[Any]" = LRU(256, "compiled triton kernels (direct launch)")
+
+
+def _spec(a: Any) -> Any:
+    """What Triton specialises a kernel argument on (so a compiled kernel is reused only
+    for arguments it was compiled for): a tensor's dtype and 16-byte alignment; an int's
+    being 1 and its divisibility by 16."""
+    if isinstance(a, Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if isinstance(a, bool):
+        return ("b", a)
+    if isinstance(a, int):
+        return ("i", a == 1, a % 16 == 0)
+    return type(a)
+
+
+def _launch(kernel: Any, n: int, args: tuple, consts: dict, num_warps: int) -> None:
+    """``kernel[(n,)](*args, **consts)``; with :data:`DIRECT`, the compiled kernel is cached
+    by (constexprs, argument specialisation) and launched without re-binding."""
+    if not DIRECT or INTERPRET:
+        kernel[(n,)](*args, **consts, num_warps=num_warps)
+        return
+    key = (kernel, tuple(consts.items()), num_warps, tuple(map(_spec, args)))
+    hit = _COMPILED.get(key)
+    if hit is None:
+        ck = kernel.warmup(*args, grid=(n,), **consts, num_warps=num_warps)
+        ck._init_handles()
+        order = [consts[a] for a in kernel.arg_names if a in consts]
+        hit = _COMPILED.put(key, (ck, order))
+    ck, order = hit
+    stream = torch.cuda.current_stream().cuda_stream
+    ck.run(n, 1, 1, stream, ck.function, ck.packed_metadata, None, None, None, *args, *order)
+
+
 def _stats_pass(plan: Plan, ts: List[Tensor], code: int) -> None:
     for i, view in plan.copies:
         view.copy_(ts[i])
     for L in plan.stats_launches:
-        K.grad_stats_chunks_kernel[(L.n,)](
-            plan.ptrs, L.meta, plan.p_acc, plan.p_max, plan.p_nan, plan.p_inf,
-            DTYPE=L.dtype, NORM=code, BLOCK=L.block, ALIGNED=L.aligned,
-            num_warps=plan.num_warps)
+        _launch(K.grad_stats_chunks_kernel, L.n,
+                (plan.ptrs, L.meta, plan.p_acc, plan.p_max, plan.p_nan, plan.p_inf),
+                dict(DTYPE=L.dtype, NORM=code, BLOCK=L.block, ALIGNED=L.aligned),
+                plan.num_warps)
 
 
 def stats_layouts(G: int, T: int) -> Tuple[Layout, Layout]:
@@ -405,10 +442,10 @@ def compute(dslice: DeviceSlice, norm_type: float, per_tensor: bool,
         outf = torch.empty(fl.size, dtype=torch.float32, device=dev)
         outi = torch.empty(il.size, dtype=torch.int64, device=dev)
         has_clip = max_norm is not None
-        K.grad_stats_finalize_kernel[(1 + T,)](
-            plan.p_acc, plan.p_max, plan.p_nan, plan.p_inf, plan.gbounds, plan.tbounds,
-            outf, outi, G, T, float(max_norm) if has_clip else 0.0,
-            NORM=code, HAS_CLIP=has_clip, RBLOCK=plan.final_block, num_warps=4)
+        _launch(K.grad_stats_finalize_kernel, 1 + T,
+                (plan.p_acc, plan.p_max, plan.p_nan, plan.p_inf, plan.gbounds, plan.tbounds,
+                 outf, outi, G, T, float(max_norm) if has_clip else 0.0),
+                dict(NORM=code, HAS_CLIP=has_clip, RBLOCK=plan.final_block), 4)
     f = {n: fl.view(outf, n) for n in fl.entries}
     i = {n: il.view(outi, n) for n in il.entries}
     final = FinalStats(norm=f["norm"], total_norm=f["total_norm"].view(()),
@@ -458,25 +495,25 @@ def compute_step(dslice: DeviceSlice, norm_type: float, per_tensor: bool, prog: 
         outi = torch.empty(1 + G, dtype=torch.int64, device=dev)
         stf = torch.empty(max(T, 1), dtype=torch.float32, device=dev)
         e = lay.entries
-        K.step_finalize_kernel[(1 + T,)](
-            plan.p_acc, plan.p_max, plan.p_nan, plan.p_inf, plan.gbounds, plan.tbounds,
-            outf, outi, stf, outi[1:], prog.fstate, prog.istate, prog.table, prog.params,
-            dummy if loss is None else loss,
-            dummy if amp_scale is None else amp_scale,
-            dummy if amp_found is None else amp_found,
-            dummy if has_grads is None else has_grads,
-            G, T, 1.0 - prog.alpha,
-            e["norm"][0], e["total_norm"][0], e["max_abs"][0], e["clip_coef"][0],
-            e["grad_scale"][0], e["found_inf"][0], e["skipped"][0],
-            e["skipped_nonfinite"][0], e["skipped_spike"][0], e["nonfinite"][0],
-            e["clipped"][0], e["running"][0],
-            NORM=code, RBLOCK=plan.final_block, BLOCK_G=_pow2(max(G, 1)),
-            HAS_LOSS=loss is not None, HAS_AMP_SCALE=amp_scale is not None,
-            HAS_AMP_FOUND=amp_found is not None, HAS_MASK=has_grads is not None,
-            EPILOGUE=bool(prog.fully_fused),
-            OP0=ops[0], OP1=ops[1], OP2=ops[2], OP3=ops[3], OP4=ops[4], OP5=ops[5],
-            QH=_pow2(max(prog.quantile_history, 1)), SW=_pow2(max(prog.spike_window, 1)),
-            num_warps=4)
+        _launch(K.step_finalize_kernel, 1 + T,
+                (plan.p_acc, plan.p_max, plan.p_nan, plan.p_inf, plan.gbounds, plan.tbounds,
+                 outf, outi, stf, outi[1:], prog.fstate, prog.istate, prog.table, prog.params,
+                 dummy if loss is None else loss,
+                 dummy if amp_scale is None else amp_scale,
+                 dummy if amp_found is None else amp_found,
+                 dummy if has_grads is None else has_grads,
+                 G, T, 1.0 - prog.alpha,
+                 e["norm"][0], e["total_norm"][0], e["max_abs"][0], e["clip_coef"][0],
+                 e["grad_scale"][0], e["found_inf"][0], e["skipped"][0],
+                 e["skipped_nonfinite"][0], e["skipped_spike"][0], e["nonfinite"][0],
+                 e["clipped"][0], e["running"][0]),
+                dict(NORM=code, RBLOCK=plan.final_block, BLOCK_G=_pow2(max(G, 1)),
+                     HAS_LOSS=loss is not None, HAS_AMP_SCALE=amp_scale is not None,
+                     HAS_AMP_FOUND=amp_found is not None, HAS_MASK=has_grads is not None,
+                     EPILOGUE=bool(prog.fully_fused),
+                     OP0=ops[0], OP1=ops[1], OP2=ops[2], OP3=ops[3], OP4=ops[4], OP5=ops[5],
+                     QH=_pow2(max(prog.quantile_history, 1)),
+                     SW=_pow2(max(prog.spike_window, 1))), 4)
     return StepOut(outf, outi[:1], outi[1:], stf[:T] if per_tensor else None)
 
 
@@ -496,9 +533,9 @@ def scale_(dslice: DeviceSlice, coef: Tensor) -> None:
         coef = coef.contiguous()
     with _DeviceGuard(dev):
         for L in plan.scale_launches:
-            K.grad_scale_chunks_kernel[(L.n,)](
-                plan.ptrs, L.meta, coef, DTYPE=L.dtype, BLOCK=L.block,
-                ALIGNED=L.aligned, PER_GROUP=per_group, num_warps=plan.num_warps)
+            _launch(K.grad_scale_chunks_kernel, L.n, (plan.ptrs, L.meta, coef),
+                    dict(DTYPE=L.dtype, BLOCK=L.block, ALIGNED=L.aligned,
+                         PER_GROUP=per_group), plan.num_warps)
         if plan.torch_scaled:
             eff = coef.clamp(max=1.0)  # NaN stays NaN; >= 1 becomes exactly 1 (a no-op)
             ts = dslice.tensors
