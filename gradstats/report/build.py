@@ -30,8 +30,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
+
+import numpy as np
 
 from .diagnosis import Finding, analyze_run, divergence, format_value, seed_findings
 from .diagnosis import analyze  # noqa: F401  (public, re-exported)
@@ -194,9 +197,10 @@ def _markdown(title: str, runs: List[Run], findings: Dict[str, List[Finding]],
     L.append("|---|---|---|---|---|---|---|---|")
     for r in runs:
         steps = f"{int(r.steps[0])}-{int(r.steps[-1])}" if r.n else "none"
+        clipped = int((r.clipped & ~r.skipped).sum()) if r.has_clip else "-"
+        final = format_value(final_value(r.loss)) if r.has_loss else "-"
         L.append(f"| {r.label} | `{r.log.path}` | {steps} | {', '.join(r.groups)} | "
-                 f"{int(r.skipped.sum())} | {int((r.clipped & ~r.skipped).sum()) if r.has_clip else '-'} | "
-                 f"{int(r.nonfinite.sum())} | {format_value(final_value(r.loss)) if r.has_loss else '-'} |")
+                 f"{int(r.skipped.sum())} | {clipped} | {int(r.nonfinite.sum())} | {final} |")
     L += ["", "## Diagnosis", ""]
     order = {"problem": 0, "warning": 1, "info": 2}
     for label, fs in findings.items():
@@ -221,11 +225,11 @@ def _markdown(title: str, runs: List[Run], findings: Dict[str, List[Finding]],
     L += ["## How to read this", "",
           f"- Grad-norm panels: the green band is the running mean ± {k:g} running standard "
           f"deviations (EMA, as StableOptimizer keeps it; for logs without it the report "
-          f"computes it the same way, leaving out spikes); orange dots are clipped steps; triangles "
-          f"and vertical lines are skipped steps (purple: non-finite, red: spike, brown: "
-          f"other); black crosses or grey shading are non-finite steps that were applied "
-          f"(the dashed line marks the first). The bottom panel is the share of clipped steps over the last "
-          f"{window} steps.",
+          f"computes it by the same rule, leaving out skipped steps and spikes); orange dots "
+          f"are clipped steps; triangles and vertical lines are skipped steps (purple: "
+          f"non-finite, red: spike, brown: other); black crosses or grey shading are "
+          f"non-finite steps that were applied (the dashed line marks the first). The bottom "
+          f"panel is the share of clipped steps over the last {window} steps.",
           f"- A spike is a value at least {SPIKE_RATIO:g}x the median of the previous "
           f"{SPIKE_WINDOW} steps and {SPIKE_Z:g} robust standard deviations above it. "
           f"Clipping is flagged when active in more than {100 * CLIP_RATE:.0f}% of steps. "
@@ -327,9 +331,13 @@ def _run(args: argparse.Namespace) -> int:
             _fail(e)
         return 2
     try:
-        rep = build_report(logs, out, k=float(k), window=window,
-                           compare=bool(getattr(args, "compare", False)),
-                           plots=not getattr(args, "no_plots", False))
+        # numpy's warnings about NaN/Inf in a log are noise here: the report says what
+        # is wrong with the values
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            rep = build_report(logs, out, k=float(k), window=window,
+                               compare=bool(getattr(args, "compare", False)),
+                               plots=not getattr(args, "no_plots", False))
     except OSError as e:
         return _fail(f"cannot write the report into {out} ({_one_line(e)})")
     print_summary(rep)

@@ -1,12 +1,15 @@
 """The diagnosis of a training run: the signals of unstable training, as findings.
 
-Each signal is one function from a :class:`~gradstats.report.runs.Run` to findings (:class:`Finding`)
-with plain-language evidence (step numbers, groups, tensor names): the first non-finite step
-and where it came from; gradient-norm and loss spikes; clipping active in more than half
-of the steps; gradient-norm variance rising before divergence; norms collapsing toward
-zero; a loss that never improved; a divergence; large variation across seeds
-(:func:`seed_findings`). :func:`analyze` gives the findings of one log, a ``"clean"``
-finding when there are none. The thresholds are in :mod:`gradstats.report.signals`.
+Each signal is one function from a :class:`~gradstats.report.runs.Run` to findings
+(:class:`Finding`) with plain-language evidence (step numbers, groups, tensor names): the
+first non-finite step and where it came from; gradient-norm and loss spikes; clipping
+active in more than half of the steps; gradient-norm variance rising before divergence;
+norms collapsing toward zero; a loss that never improved; a divergence; large variation
+across seeds (:func:`seed_findings`); rows the logger could not write and the segments of
+a resumed run. :func:`analyze` gives the findings of one log (:func:`analyze_run` of one
+:class:`~gradstats.report.runs.Run`), a ``"clean"`` finding when there are none. The
+thresholds are in :mod:`gradstats.report.signals`; :func:`format_value` formats numbers
+and :func:`divergence` finds where a run diverged.
 """
 from __future__ import annotations
 
@@ -211,9 +214,9 @@ def _find_spikes(run: Run) -> List[Finding]:
                 fate = "applied **unclipped**"
             else:
                 fate = "applied"
+            gtxt = f"; groups {', '.join(f'`{g}`' for g in gs)}" if gs else ""
             lines.append(f"step {s}: total gradient norm {format_value(v)}, {v / med:.0f}x the "
-                         f"typical {format_value(med)}" + (f"; groups {', '.join(f'`{g}`' for g in gs)}"
-                                                   if gs else "") + f"; {fate}")
+                         f"typical {format_value(med)}{gtxt}; {fate}")
         more = f" ({len(sp) - 8} more not listed)" if len(sp) > 8 else ""
         steps = [int(run.steps[i]) for i, _, _ in sp]
         text = (f"{len(sp)} gradient-norm spike{'s' if len(sp) > 1 else ''} (at least "
@@ -238,7 +241,8 @@ def _find_spikes(run: Run) -> List[Finding]:
                 near = [g for g in gsteps if 0 <= s - g <= 3]
                 rel = (f"; {s - near[0]} step(s) after the gradient spike at step {near[0]}"
                        if near else "")
-                lines.append(f"step {s}: loss {format_value(v)} vs. typical {format_value(med)}{rel}")
+                lines.append(f"step {s}: loss {format_value(v)} vs. typical "
+                             f"{format_value(med)}{rel}")
             steps = [int(run.steps[i]) for i, _, _ in lsp]
             text = (f"{len(lsp)} loss spike{'s' if len(lsp) > 1 else ''} (at least 1.5x and "
                     f"{SPIKE_Z:g} robust standard deviations above the median of the previous "
@@ -270,9 +274,10 @@ def _find_clip_rate(run: Run, window: int) -> List[Finding]:
         last = c[-min(window, len(c)):]
         text = (f"Clipping was active in {int(c.sum())} of {n} applied steps "
                 f"({100 * rate:.0f}%; {100 * last.mean():.0f}% in the last {len(last)}). "
-                f"The median gradient norm is {format_value(med)} while the clipped norm is about "
-                f"{format_value(thr)}: the threshold sits below the typical gradient norm, so clipping "
-                f"no longer removes outliers, it rescales almost every step (an implicit, "
+                f"The median gradient norm is {format_value(med)} while the clipped norm is "
+                f"about {format_value(thr)}: the threshold sits below the typical gradient norm, "
+                f"so clipping no longer removes outliers, it rescales almost every step (an "
+                f"implicit, "
                 f"varying learning-rate cut). Either the threshold is too low for this model "
                 f"(raise `max_norm` to around the typical norm, or use an adaptive policy such "
                 f"as `ZScoreClip`) or the learning rate is too high and the norms grew because "
@@ -324,8 +329,9 @@ def _find_variance(run: Run, div: Optional[int], how: str) -> List[Finding]:
                         gd[end - 1] >= VAR_RISE * np.median(ge):
                     groups.append(run.groups[g])
             text = (f"The step-to-step variability of the gradient norm (robust spread of the "
-                    f"change in log norm over {w} steps) rose from {format_value(base)} (typical in "
-                    f"steps {int(run.steps[w - 1])}-{int(run.steps[max(w, end // 2) - 1])}) to "
+                    f"change in log norm over {w} steps) rose from {format_value(base)} "
+                    f"(typical in steps {int(run.steps[w - 1])}-"
+                    f"{int(run.steps[max(w, end // 2) - 1])}) to "
                     f"{format_value(late)} ({late / base:.1f}x) in the {w} steps before the run "
                     f"diverged at step {int(run.steps[div])} ({how}); it began rising around "
                     f"step {s_rise}." + (f" Groups where it rose: "
@@ -351,8 +357,9 @@ def _find_variance(run: Run, div: Optional[int], how: str) -> List[Finding]:
         return [Finding("variance_rising", "warning", run.label,
                         "Gradient-norm variance rising",
                         f"The step-to-step variability of the gradient norm grew from "
-                        f"{format_value(ma)} in the first quarter of the run to {format_value(mb)} in the last "
-                        f"quarter (steps {int(run.steps[N - q])}-{int(run.steps[-1])}, "
+                        f"{format_value(ma)} in the first quarter of the run to "
+                        f"{format_value(mb)} in the last quarter (steps "
+                        f"{int(run.steps[N - q])}-{int(run.steps[-1])}, "
                         f"{mb / ma:.1f}x). The run has not diverged, but this is how "
                         f"instability usually starts; watch the loss and consider a lower "
                         f"learning rate.", steps=[int(run.steps[N - q])])]
@@ -390,9 +397,10 @@ def _find_vanishing(run: Run, div: Optional[int]) -> List[Finding]:
             out.append(Finding(
                 "vanishing", "warning", run.label,
                 f"Gradient norm of `{name}` collapsed toward zero",
-                f"The gradient norm of group `{name}` fell from a median of {format_value(me)} early in "
-                f"the run to {format_value(ml)} at the end ({me / max(ml, 1e-300):.2g}x smaller), below "
-                f"1% of its early value from step {s} on.{loss_txt} Vanishing gradients mean this "
+                f"The gradient norm of group `{name}` fell from a median of {format_value(me)} "
+                f"early in the run to {format_value(ml)} at the end "
+                f"({me / max(ml, 1e-300):.2g}x smaller), below 1% of its early value from "
+                f"step {s} on.{loss_txt} Vanishing gradients mean this "
                 f"part of the model has stopped learning: saturated activations, dead ReLUs, "
                 f"a learning rate decayed to nothing, or weights driven to zero by weight "
                 f"decay.", steps=[s], groups=[name]))
@@ -566,8 +574,9 @@ def seed_findings(runs: List[Run], divs: List[Optional[int]]) -> List[Finding]:
             return [Finding("seed_spread", "warning", "all runs",
                             "Large variation across seeds",
                             f"The {what} ranges from {format_value(lo[1])} (`{lo[0]}`) to "
-                            f"{format_value(hi[1])} (`{hi[0]}`), a spread of {100 * rel:.0f}% of the "
-                            f"median {format_value(med)} ({table}). Results depend strongly on the "
+                            f"{format_value(hi[1])} (`{hi[0]}`), a spread of "
+                            f"{100 * rel:.0f}% of the median {format_value(med)} ({table}). "
+                            f"Results depend strongly on the "
                             f"seed: an unstable learning rate or too few steps; compare more "
                             f"seeds before drawing conclusions.")]
         return [Finding("seed_spread", "info", "all runs", "Seeds agree",

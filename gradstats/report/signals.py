@@ -1,8 +1,8 @@
 """The thresholds of the training diagnosis and the robust statistics of one series.
 
 Shared by :mod:`gradstats.report.runs` (the running-statistics band leaves spikes out),
-:mod:`gradstats.report.diagnosis` (the signals), :mod:`gradstats.report.plots` (the clip-rate line) and
-:mod:`gradstats.report` (which documents the thresholds in ``report.md``):
+:mod:`gradstats.report.diagnosis` (the signals), :mod:`gradstats.report.plots` (the clip-rate
+line) and :mod:`gradstats.report` (which documents the thresholds in ``report.md``):
 
 * :func:`find_spikes`: upward outliers against a robust z-score of the previous window;
 * :func:`dispersion`: rolling robust spread of the step-to-step change of log(x);

@@ -140,8 +140,8 @@ def header_record(*, norm_type: float, groups: List[str], params: List[str],
 def step_record(get: Callable[[str], Any], param_names: List[str]) -> Dict[str, Any]:
     """A ``step`` record from ``get(field)``, the step's value of each field of
     :data:`SCALAR_FIELDS`, :data:`PER_GROUP_FIELDS` and ``"nonfinite_tensors"`` (tensor
-    indices in parameter order, -1 or NaN for none), ``None`` where not measured; ``param_names`` name the
-    tensor indices."""
+    indices in parameter order, -1 or NaN for none), ``None`` where not measured;
+    ``param_names`` name the tensor indices."""
     rec: Dict[str, Any] = {"type": "step"}
     rec["step"] = get("step")
     rec["loss"] = get("loss")
