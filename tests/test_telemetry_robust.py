@@ -203,6 +203,53 @@ def test_sigkill_keeps_every_completed_flush_interval(tmp_path):
     assert [rec["step"] for rec in log.records] == list(range(1, 17))
 
 
+class _FakeEvent:
+    """Stands in for the CUDA event of an asynchronous copy: done when released."""
+
+    def __init__(self, log):
+        self.done, self.log = False, log
+
+    def query(self):
+        self.log.append("query")
+        return self.done
+
+    def synchronize(self):
+        self.log.append("wait")
+        self.done = True
+
+
+def test_async_batches_are_written_when_copied_and_before_the_next_copy(tmp_path):
+    """The CUDA protocol, with the copy's event simulated on CPU: a record polls (never
+    waits) and writes a finished batch; a flush waits for a batch still in flight and
+    writes it before the next copy starts."""
+    path = tmp_path / "a.jsonl"
+    m = _model()
+    lg = StatsLogger(path, flush_every=4, flush_seconds=None)
+    opt = _opt(m, lg)
+    calls, events = [], []
+
+    def start_copy(n):
+        calls.append(("copy", lg.summary()["written"]))
+        events.append(_FakeEvent(calls))
+        return lg._dev_buf[:n].clone(), events[-1]
+    lg._start_copy = start_copy
+    written = lambda: [r["step"] for r in read_log(path).records]  # noqa: E731
+    _train(opt, m, 4)  # batch 1 copy starts at step 4
+    assert calls == [("copy", 0)] and written() == []
+    _train(opt, m, 2)  # steps 5, 6 poll: copy not done, nothing written, no wait
+    assert calls == [("copy", 0), "query", "query"] and written() == []
+    events[0].done = True
+    _train(opt, m, 1)  # step 7 finds it done and writes it
+    assert written() == [1, 2, 3, 4] and lg.counters["syncs"] == 0
+    _train(opt, m, 1)  # step 8: batch 2 copy starts
+    _train(opt, m, 4)  # steps 9..12: still in flight; the flush at 12 waits, writes it,
+    # and only then starts batch 3's copy
+    assert calls[-3:] == ["query", "wait", ("copy", 8)]
+    assert written() == list(range(1, 9)) and lg.counters["syncs"] == 1
+    lg.close()
+    assert written() == list(range(1, 13)) and lg.counters["syncs"] == 2
+
+
 def test_uncaught_exception_flushes_through_the_chained_excepthook(tmp_path):
     path = tmp_path / "exc.jsonl"
     r = _script(tmp_path, _EXCEPT_SCRIPT, path)

@@ -646,23 +646,34 @@ class StatsLogger:
         self._slot, self._metas = 0, []
         layout = dict(self._layout or {})
         try:
-            buf = self._dev_buf
-            if buf.device.type == "cuda" and self._host_buf is not None:
-                hb = self._host_buf
-                hb[:n].copy_(buf[:n], non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(buf.device))
-                self.counters["d2h_copies"] += 1
-                self._pending = _Batch(hb, n, event, metas, layout, self._param_names)
-                return
-            # CPU (or another device): the copy is synchronous, write the batch at once
-            rows = buf[:n] if buf.device.type == "cpu" else buf[:n].cpu()
+            rows, event = self._start_copy(n)
             self.counters["d2h_copies"] += 1
-            batch = _Batch(rows, n, None, metas, layout, self._param_names)
         except Exception as e:
             self._fail(e, n)
             return
-        self._emit(batch)
+        batch = _Batch(rows, n, event, metas, layout, self._param_names)
+        if event is None:  # already on the host: write it at once
+            self._emit(batch)
+        else:
+            self._pending = batch
+
+    def _start_copy(self, n: int) -> Tuple[Tensor, Any]:
+        """Start copying the first ``n`` device rows to the host.
+
+        Returns:
+            ``(rows, event)``: the host rows and the CUDA event recorded after the
+            asynchronous copy, or ``event=None`` when the rows are on the host already
+            (CPU tensors; other devices copy synchronously).
+        """
+        buf = self._dev_buf
+        assert buf is not None
+        if buf.device.type == "cuda" and self._host_buf is not None:
+            hb = self._host_buf
+            hb[:n].copy_(buf[:n], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(buf.device))
+            return hb, event
+        return (buf[:n] if buf.device.type == "cpu" else buf[:n].cpu()), None
 
     def _write_pending(self, wait: bool) -> None:
         """Write out the batch in flight if its copy is done (or, with ``wait``, after
