@@ -194,7 +194,8 @@ class StatsLogger:
         all_ranks: under an initialised ``torch.distributed`` process group, record on
             every rank. By default only rank 0 records (unless the path contains
             ``{rank}``); the other ranks' loggers are disabled (:attr:`enabled` is
-            ``False``): they record nothing and open no file.
+            ``False``): they record nothing and open no file. The rank is read when the
+            logger is created (for ``StableOptimizer(log=path)``: when the optimizer is).
 
     Raises:
         ValueError: ``flush_every``, ``max_names`` or ``flush_seconds`` out of range.
