@@ -129,7 +129,7 @@ def test_flush_is_one_copy_per_batch_and_no_sync_per_step(tmp_path, monkeypatch)
     opt = gradstats.StableOptimizer(torch.optim.Adam(_groups(m), lr=1e-2), max_norm=1.0,
                                     param_names=m.named_parameters())
     N = 8
-    lg = StatsLogger(tmp_path / "s.jsonl", flush_every=N).bind(opt)
+    lg = StatsLogger(tmp_path / "s.jsonl", flush_every=N, flush_seconds=None).bind(opt)
     lg._hook_handle.remove()  # record by hand below, under the sync counters
     calls = []
     real = {}

@@ -275,17 +275,31 @@ def test_context_manager_closes_on_exception(tmp_path):
     assert log.end is not None and log.end["dropped_rows"] == 0 and lg.closed
 
 
-def test_time_interval_flush(tmp_path):
+def test_time_interval_flush(tmp_path, monkeypatch):
+    from gradstats.telemetry import logger as logger_mod
+
+    class Clock:  # the host clock the logger reads, moved by hand
+        now = 1000.0
+
+        @classmethod
+        def monotonic(cls):
+            return cls.now
+    monkeypatch.setattr(logger_mod, "time", Clock)
     path = tmp_path / "t.jsonl"
     m = _model()
-    opt = _opt(m, StatsLogger(path, flush_every=1000, flush_seconds=0.2))
+    opt = _opt(m, StatsLogger(path, flush_every=1000, flush_seconds=30.0))
     _train(opt, m, 3)
+    Clock.now += 29.0
+    _train(opt, m, 1)
     assert read_log(path).records == []  # nothing due yet
-    time.sleep(0.25)
-    _train(opt, m, 1)  # this record finds the interval passed: rows 1..4 go out
-    assert [r["step"] for r in read_log(path).records] == [1, 2, 3, 4]
+    Clock.now += 1.5
+    _train(opt, m, 1)  # this record finds the interval passed: rows 1..5 go out
+    assert [r["step"] for r in read_log(path).records] == [1, 2, 3, 4, 5]
     assert opt.log.summary()["pending"] == 0
+    _train(opt, m, 2)
+    assert len(read_log(path).records) == 5  # the interval starts again
     opt.log.close()
+    assert len(read_log(path).records) == 7
     with pytest.raises(ValueError, match="flush_seconds"):
         StatsLogger(os.devnull, flush_seconds=-1)
 
