@@ -129,7 +129,7 @@ def test_flush_is_one_copy_per_batch_and_no_sync_per_step(tmp_path, monkeypatch)
     opt = gradstats.StableOptimizer(torch.optim.Adam(_groups(m), lr=1e-2), max_norm=1.0,
                                     param_names=m.named_parameters())
     N = 8
-    lg = StatsLogger(tmp_path / "s.jsonl", flush_every=N).bind(opt)
+    lg = StatsLogger(tmp_path / "s.jsonl", flush_every=N, flush_seconds=None).bind(opt)
     lg._hook_handle.remove()  # record by hand below, under the sync counters
     calls = []
     real = {}
@@ -160,7 +160,11 @@ def test_flush_is_one_copy_per_batch_and_no_sync_per_step(tmp_path, monkeypatch)
     # host reads only while writing out a batch (at a flush, when the N-th row of a batch
     # has just been counted), never in between
     assert calls and all(rec % N == 0 for _, rec in calls), calls
-    assert lg.counters["writes"] == 4  # each batch written out one flush later
+    # CPU rows are on the host at once: each batch is written (and handed to the OS) at
+    # its flush, so the file already holds every completed batch, in order
+    assert lg.counters["writes"] == 5
+    assert [r["step"] for r in read_log(tmp_path / "s.jsonl").records] == \
+        list(range(1, 5 * N + 1))
     lg.close()
     assert lg.counters["d2h_copies"] == 6 and lg.counters["writes"] == 6
     assert len(read_log(tmp_path / "s.jsonl").records) == 5 * N + 3
@@ -168,28 +172,45 @@ def test_flush_is_one_copy_per_batch_and_no_sync_per_step(tmp_path, monkeypatch)
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_record_has_no_sync(tmp_path):
+    """Recording (copy start, event polls, write-outs of finished copies) never syncs;
+    a finished copy is written by the next record without waiting."""
+    path = tmp_path / "c.jsonl"
     m = _model().cuda()
     opt = gradstats.StableOptimizer(torch.optim.AdamW(_groups(m), lr=1e-2, fused=True),
                                     max_norm=1.0, param_names=m.named_parameters(),
-                                    log=str(tmp_path / "c.jsonl"))
+                                    log=StatsLogger(path, flush_every=8))
     x = torch.randn(16, 6, device="cuda")
-    for _ in range(3):  # warm-up (first steps decide on the host)
+
+    def step():
         m(x).pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
+    for _ in range(3):  # warm-up (first steps decide on the host); the hook records them
+        step()
     lg = opt.log
-    opt._on_step = None
-    for _ in range(lg.flush_every - lg._slot - 1):
-        m(x).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
+    lg._hook_handle.remove()  # record by hand below, under the sync check
+
+    def record():
         torch.cuda.set_sync_debug_mode("error")
         try:
             lg.record(opt.last_stats)
         finally:
             torch.cuda.set_sync_debug_mode(0)
+    while lg.counters["records"] < 8:
+        step()
+        record()
+    assert lg.counters["d2h_copies"] == 1 and lg.summary()["written"] == 0
+    torch.cuda.synchronize()  # the copy is done: the next record writes it, no wait
+    step()
+    record()
+    assert lg.summary()["written"] == 8 and lg.counters["syncs"] == 0
+    assert [r["step"] for r in read_log(path).records] == list(range(1, 9))
+    while lg.counters["records"] < 27:
+        step()
+        record()
+    assert lg.counters["dropped_rows"] == 0
     lg.close()
-    assert len(read_log(tmp_path / "c.jsonl").records) > 3
+    assert [r["step"] for r in read_log(path).records] == list(range(1, 28))
 
 
 def _write_good_log(path, steps=20):

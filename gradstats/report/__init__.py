@@ -12,4 +12,5 @@ from .build import SEVERITY_LABEL, Report, build_report, main
 from .diagnosis import Finding, analyze
 from .runs import Run, load_run
 
-__all__ = ["SEVERITY_LABEL", "Finding", "Run", "Report", "analyze", "load_run", "build_report", "main"]
+__all__ = ["SEVERITY_LABEL", "Finding", "Run", "Report", "analyze", "load_run", "build_report",
+           "main"]

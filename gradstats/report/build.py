@@ -27,32 +27,51 @@ is the command's entry point. The public names of those modules are re-exported 
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
-from .diagnosis import Finding, _analyze_run, _divergence, _fmt, _seed_findings
+import numpy as np
+
+from .diagnosis import Finding, analyze_run, divergence, format_value, seed_findings
 from .diagnosis import analyze  # noqa: F401  (public, re-exported)
 from ..telemetry.reader import read_log
-from .plots import _plot_overlay, _plot_run, _plot_spread
+from .plots import plot_overlay, plot_run, plot_spread
 from .runs import Run, load_run
 from .signals import (CLIP_RATE, SEED_SPREAD, SPIKE_RATIO, SPIKE_WINDOW, SPIKE_Z,
-                      VANISH_FACTOR, VAR_RISE, VAR_RISE_NO_DIV, VAR_WINDOW, _final)
+                      VANISH_FACTOR, VAR_RISE, VAR_RISE_NO_DIV, VAR_WINDOW, final_value)
 from .signals import SPIKE_MIN_HISTORY  # noqa: F401  (public, re-exported)
 
-__all__ = ["Finding", "Run", "Report", "analyze", "load_run", "build_report", "main"]
+__all__ = ["Finding", "Run", "Report", "analyze", "load_run", "build_report",
+           "add_arguments", "main"]
 
 
 @dataclass
 class Report:
-    """What :func:`build_report` wrote and found."""
+    """What :func:`build_report` wrote and found.
+
+    Attributes:
+        out_dir: the output folder.
+        markdown: the path of ``report.md``.
+        plots: the PNG files written.
+        findings: per run label (plus ``"all runs"``), the findings.
+        problems: every problem met reading the logs (one line each, naming file and
+            line where it applies).
+        errors: the problems that mean an input was invalid or unreadable (a log that
+            does not exist or is a folder, a value of the wrong type or out of range, a
+            plot that could not be drawn), as opposed to lines cut short by a crash;
+            ``gradstats report`` exits with status 2 when there are any.
+    """
 
     out_dir: str
     markdown: str
     plots: List[str]
     findings: Dict[str, List[Finding]]  # per run label, plus "all runs"
     problems: List[str]
+    errors: List[str] = field(default_factory=list)
 
     def all_findings(self) -> List[Finding]:
         return [f for fs in self.findings.values() for f in fs]
@@ -68,6 +87,10 @@ def build_report(paths: Sequence[str], out_dir: str, *, k: float = 3.0,
                  plots: bool = True, title: str = "gradstats report") -> Report:
     """Read the logs, diagnose them, write ``report.md`` and PNG plots into ``out_dir``.
 
+    A log that cannot be read (missing, a folder, unreadable) and every invalid line or
+    value is reported in :attr:`Report.problems` / :attr:`Report.errors`; the report
+    covers everything else.
+
     Args:
         paths: stats logs (JSONL or CSV).
         out_dir: output folder (created).
@@ -78,10 +101,10 @@ def build_report(paths: Sequence[str], out_dir: str, *, k: float = 3.0,
         plots: write the PNG plots (needs matplotlib).
 
     Raises:
-        FileNotFoundError: a log does not exist.
+        OSError: ``out_dir`` cannot be created or written (e.g. it is a file).
     """
     os.makedirs(out_dir, exist_ok=True)
-    logs = [read_log(p) for p in paths]
+    logs, errors = _read_logs(paths)
     runs = [load_run(lg) for lg in logs]
     # unique labels
     seen: Dict[str, int] = {}
@@ -93,11 +116,12 @@ def build_report(paths: Sequence[str], out_dir: str, *, k: float = 3.0,
     findings: Dict[str, List[Finding]] = {}
     divs = []
     for r in runs:
-        findings[r.label] = _analyze_run(r, window)
-        divs.append(_divergence(r)[0] if r.n else None)
+        findings[r.label] = analyze_run(r, window)
+        divs.append(divergence(r)[0] if r.n else None)
     if len(runs) >= 2 and not compare:
-        findings["all runs"] = _seed_findings(runs, divs)
-    problems = [p for lg in logs for p in lg.problems]
+        findings["all runs"] = seed_findings(runs, divs)
+    problems = list(errors) + [p for lg in logs for p in lg.problems]
+    errors = list(errors) + [e for lg in logs for e in lg.errors]
     written: List[str] = []
     plot_of: Dict[str, str] = {}
     if plots:
@@ -110,26 +134,56 @@ def build_report(paths: Sequence[str], out_dir: str, *, k: float = 3.0,
             stems[stem] = stems.get(stem, 0) + 1
             if stems[stem] > 1:
                 stem = f"{stem}_{stems[stem]}"
-            plot_of[r.label] = _plot_run(r, os.path.join(out_dir, f"{stem}_overview.png"),
-                                         k, window)
-            written.append(plot_of[r.label])
+            _draw(written, errors, plot_run, r, os.path.join(out_dir, f"{stem}_overview.png"),
+                  k, window)
         nonempty = [r for r in runs if r.n]
         if len(nonempty) >= 2:
             if compare:
-                written.append(_plot_overlay(nonempty, os.path.join(out_dir, "compare.png"),
-                                             "runs compared: loss, total gradient norm, "
-                                             "clipping", window))
+                _draw(written, errors, plot_overlay, nonempty,
+                      os.path.join(out_dir, "compare.png"),
+                      "runs compared: loss, total gradient norm, clipping", window)
             else:
-                written.append(_plot_overlay(nonempty, os.path.join(out_dir, "runs_loss.png"),
-                                             f"{len(nonempty)} runs overlaid", window))
-                written.append(_plot_spread(nonempty, os.path.join(out_dir,
-                                                                    "seeds_spread.png")))
+                _draw(written, errors, plot_overlay, nonempty,
+                      os.path.join(out_dir, "runs_loss.png"),
+                      f"{len(nonempty)} runs overlaid", window)
+                _draw(written, errors, plot_spread, nonempty,
+                      os.path.join(out_dir, "seeds_spread.png"))
+    problems += [e for e in errors if e not in problems]
     md = _markdown(title, runs, findings, problems, written, out_dir, k, window, compare)
     md_path = os.path.join(out_dir, "report.md")
     with open(md_path, "w", encoding="utf-8") as f:
         f.write(md)
     return Report(out_dir=out_dir, markdown=md_path, plots=written, findings=findings,
-                  problems=problems)
+                  problems=problems, errors=errors)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+def _read_logs(paths: Sequence[str]) -> Tuple[List[Any], List[str]]:
+    """The logs that could be read, and one message per log that could not."""
+    logs, errors = [], []
+    for p in paths:
+        if not os.path.exists(p):
+            errors.append(f"no such log: {p}")
+        elif os.path.isdir(p):
+            errors.append(f"{p}: is a directory, not a log file")
+        else:
+            try:
+                logs.append(read_log(p))
+            except (OSError, ValueError) as e:
+                errors.append(f"{p}: cannot be read ({_one_line(e)})")
+    return logs, errors
+
+
+def _draw(written: List[str], errors: List[str], fn: Any, *args: Any) -> None:
+    """Draw one plot; a plot that fails is reported and the others are still drawn."""
+    path = args[1]
+    try:
+        written.append(fn(*args))
+    except Exception as e:
+        errors.append(f"{path}: could not draw this plot ({_one_line(e)})")
 
 
 SEVERITY_LABEL = {"problem": "PROBLEM", "warning": "WARNING", "info": "OK"}
@@ -143,9 +197,10 @@ def _markdown(title: str, runs: List[Run], findings: Dict[str, List[Finding]],
     L.append("|---|---|---|---|---|---|---|---|")
     for r in runs:
         steps = f"{int(r.steps[0])}-{int(r.steps[-1])}" if r.n else "none"
+        clipped = int((r.clipped & ~r.skipped).sum()) if r.has_clip else "-"
+        final = format_value(final_value(r.loss)) if r.has_loss else "-"
         L.append(f"| {r.label} | `{r.log.path}` | {steps} | {', '.join(r.groups)} | "
-                 f"{int(r.skipped.sum())} | {int((r.clipped & ~r.skipped).sum()) if r.has_clip else '-'} | "
-                 f"{int(r.nonfinite.sum())} | {_fmt(_final(r.loss)) if r.has_loss else '-'} |")
+                 f"{int(r.skipped.sum())} | {clipped} | {int(r.nonfinite.sum())} | {final} |")
     L += ["", "## Diagnosis", ""]
     order = {"problem": 0, "warning": 1, "info": 2}
     for label, fs in findings.items():
@@ -170,11 +225,11 @@ def _markdown(title: str, runs: List[Run], findings: Dict[str, List[Finding]],
     L += ["## How to read this", "",
           f"- Grad-norm panels: the green band is the running mean ± {k:g} running standard "
           f"deviations (EMA, as StableOptimizer keeps it; for logs without it the report "
-          f"computes it the same way, leaving out spikes); orange dots are clipped steps; triangles "
-          f"and vertical lines are skipped steps (purple: non-finite, red: spike, brown: "
-          f"other); black crosses or grey shading are non-finite steps that were applied "
-          f"(the dashed line marks the first). The bottom panel is the share of clipped steps over the last "
-          f"{window} steps.",
+          f"computes it by the same rule, leaving out skipped steps and spikes); orange dots "
+          f"are clipped steps; triangles and vertical lines are skipped steps (purple: "
+          f"non-finite, red: spike, brown: other); black crosses or grey shading are "
+          f"non-finite steps that were applied (the dashed line marks the first). The bottom "
+          f"panel is the share of clipped steps over the last {window} steps.",
           f"- A spike is a value at least {SPIKE_RATIO:g}x the median of the previous "
           f"{SPIKE_WINDOW} steps and {SPIKE_Z:g} robust standard deviations above it. "
           f"Clipping is flagged when active in more than {100 * CLIP_RATE:.0f}% of steps. "
@@ -190,6 +245,9 @@ def _markdown(title: str, runs: List[Run], findings: Dict[str, List[Finding]],
 
 
 def print_summary(rep: Report, file=None) -> None:
+    """Print the findings and where the report is (stdout), and the problems met
+    reading the logs (stderr, one line each; invalid inputs as ``gradstats report:``
+    errors)."""
     file = file or sys.stdout
     for label, fs in rep.findings.items():
         for f in fs:
@@ -197,19 +255,90 @@ def print_summary(rep: Report, file=None) -> None:
                 continue
             print(f"[{SEVERITY_LABEL.get(f.severity, f.severity)}] {label}: {f.title}", file=file)
     for p in rep.problems:
-        print(f"log problem: {p}", file=sys.stderr)
+        if p in rep.errors:
+            print(f"gradstats report: {p}", file=sys.stderr)
+        else:
+            print(f"log problem: {p}", file=sys.stderr)
     print(f"report: {rep.markdown}", file=file)
     if rep.plots:
         print(f"plots:  {', '.join(rep.plots)}", file=file)
 
 
-def main(args: Any) -> int:
-    """``gradstats report`` entry point (``args`` from the CLI parser)."""
-    missing = [p for p in args.logs if not os.path.exists(p)]
-    if missing:
-        print(f"gradstats report: no such log: {', '.join(missing)}", file=sys.stderr)
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the options of ``gradstats report`` to a parser (the CLI's sub-command or the
+    stand-alone parser of :func:`main`)."""
+    p.add_argument("logs", nargs="+", metavar="LOG", help="stats log (.jsonl or .csv)")
+    p.add_argument("--out", default="gradstats_out", help="output folder (default: "
+                   "gradstats_out)")
+    p.add_argument("--k", type=float, default=3.0, help="band width in running standard "
+                   "deviations (default 3)")
+    p.add_argument("--window", type=int, default=SPIKE_WINDOW, help="moving window of the "
+                   "clip activation rate, in steps (default 50)")
+    p.add_argument("--compare", action="store_true", help="the logs are different "
+                   "configurations, not seeds: overlay them, no seed-spread diagnosis")
+    p.add_argument("--no-plots", action="store_true", help="write report.md only")
+    return p
+
+
+def main(args: Union[argparse.Namespace, Sequence[str], None] = None) -> int:
+    """``gradstats report`` entry point.
+
+    Args:
+        args: the parsed options (from the ``gradstats`` CLI parser), or the command-line
+            arguments after ``report`` as strings (default: ``sys.argv[1:]``).
+
+    Returns:
+        0 when every log was read; 2 when an input was invalid or unreadable (a log that
+        does not exist or is a folder, a value of the wrong type or out of range, an
+        ``--out`` that is not a folder): a one-line message names each on stderr, and
+        the report still covers whatever could be read. Never raises.
+    """
+    if not isinstance(args, argparse.Namespace):
+        parser = add_arguments(argparse.ArgumentParser(
+            prog="gradstats report", description="plots and a diagnosis from stats logs"))
+        try:
+            args = parser.parse_args(list(sys.argv[1:] if args is None else args))
+        except SystemExit as e:  # argparse printed the usage and the error
+            return 0 if e.code in (0, None) else 2
+    try:
+        return _run(args)
+    except Exception as e:  # a bug, not a bad input: still no traceback for the user
+        print(f"gradstats report: internal error ({_one_line(e)}); please report it",
+              file=sys.stderr)
         return 2
-    rep = build_report(args.logs, args.out, k=args.k, window=args.window,
-                       compare=args.compare)
+
+
+def _fail(msg: str) -> int:
+    print(f"gradstats report: {msg}", file=sys.stderr)
+    return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    k, window = getattr(args, "k", 3.0), getattr(args, "window", SPIKE_WINDOW)
+    if not (isinstance(k, (int, float)) and k > 0 and k < float("inf")):
+        return _fail(f"--k must be a positive number, got {k!r}")
+    if not (isinstance(window, int) and window >= 1):
+        return _fail(f"--window must be an integer >= 1, got {window!r}")
+    out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        return _fail(f"--out {out} is a file, not a folder; give a folder for report.md "
+                     f"and the plots")
+    logs = list(args.logs)
+    usable = [p for p in logs if os.path.isfile(p)]
+    if not usable:  # nothing to report on: say why, write nothing
+        _, errors = _read_logs(logs)
+        for e in errors:
+            _fail(e)
+        return 2
+    try:
+        # numpy's warnings about NaN/Inf in a log are noise here: the report says what
+        # is wrong with the values
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            rep = build_report(logs, out, k=float(k), window=window,
+                               compare=bool(getattr(args, "compare", False)),
+                               plots=not getattr(args, "no_plots", False))
+    except OSError as e:
+        return _fail(f"cannot write the report into {out} ({_one_line(e)})")
     print_summary(rep)
-    return 0
+    return 2 if rep.errors else 0

@@ -1,12 +1,15 @@
 """The diagnosis of a training run: the signals of unstable training, as findings.
 
-Each signal is one function from a :class:`~gradstats.report.runs.Run` to findings (:class:`Finding`)
-with plain-language evidence (step numbers, groups, tensor names): the first non-finite step
-and where it came from; gradient-norm and loss spikes; clipping active in more than half
-of the steps; gradient-norm variance rising before divergence; norms collapsing toward
-zero; a loss that never improved; a divergence; large variation across seeds
-(:func:`_seed_findings`). :func:`analyze` gives the findings of one log, a ``"clean"``
-finding when there are none. The thresholds are in :mod:`gradstats.report.signals`.
+Each signal is one function from a :class:`~gradstats.report.runs.Run` to findings
+(:class:`Finding`) with plain-language evidence (step numbers, groups, tensor names): the
+first non-finite step and where it came from; gradient-norm and loss spikes; clipping
+active in more than half of the steps; gradient-norm variance rising before divergence;
+norms collapsing toward zero; a loss that never improved; a divergence; large variation
+across seeds (:func:`seed_findings`); rows the logger could not write and the segments of
+a resumed run. :func:`analyze` gives the findings of one log (:func:`analyze_run` of one
+:class:`~gradstats.report.runs.Run`), a ``"clean"`` finding when there are none. The
+thresholds are in :mod:`gradstats.report.signals`; :func:`format_value` formats numbers
+and :func:`divergence` finds where a run diverged.
 """
 from __future__ import annotations
 
@@ -19,8 +22,8 @@ import numpy as np
 from ..telemetry.reader import LogData
 from .runs import Run, load_run
 from .signals import (CLIP_RATE, SEED_SPREAD, SPIKE_RATIO, SPIKE_WINDOW, SPIKE_Z,
-                      VANISH_FACTOR, VAR_RISE, VAR_RISE_NO_DIV, VAR_WINDOW, _dispersion,
-                      _final, _spikes)
+                      VANISH_FACTOR, VAR_RISE, VAR_RISE_NO_DIV, VAR_WINDOW, dispersion,
+                      final_value, find_spikes)
 
 
 @dataclass
@@ -30,7 +33,8 @@ class Finding:
     Attributes:
         kind: ``"nonfinite"``, ``"grad_spike"``, ``"loss_spike"``, ``"clip_rate"``,
             ``"variance_rising"``, ``"vanishing"``, ``"stagnation"``, ``"divergence"``,
-            ``"seed_spread"``, ``"log_problem"``, ``"clean"`` or ``"info"``.
+            ``"seed_spread"``, ``"log_problem"``, ``"dropped_rows"``, ``"resumed"``,
+            ``"clean"`` or ``"info"``.
         severity: ``"problem"``, ``"warning"`` or ``"info"``.
         run: the run label (``"all runs"`` for across-run findings).
         title: one line.
@@ -50,7 +54,15 @@ class Finding:
     tensors: List[str] = field(default_factory=list)
 
 
-def _fmt(x: float) -> str:
+def format_value(x: float) -> str:
+    """A number as the report writes it: 4 significant digits (3 in scientific notation
+    for very large or small values), ``NaN``, ``Inf``, ``-Inf``.
+
+    Example::
+
+        >>> format_value(0.0012345), format_value(2.5e7), format_value(float("nan"))
+        ('0.001234', '2.5e+07', 'NaN')
+    """
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "NaN"
     if math.isinf(x):
@@ -78,8 +90,14 @@ def _names_text(names: Sequence[str], total: Optional[int], limit: int = 5) -> s
     return txt
 
 
-def _divergence(run: Run) -> Tuple[Optional[int], str]:
-    """Index where the run diverged (None if it did not), and how."""
+def divergence(run: Run) -> Tuple[Optional[int], str]:
+    """Where a run diverged.
+
+    Returns:
+        ``(index, how)``: the index into the run's arrays where it diverged (``None`` if
+        it did not) and a short description (non-finite from then on, or a loss that
+        blew up and never recovered); ``(None, "")`` for runs under 3 steps.
+    """
     N = run.n
     if N < 3:
         return None, ""
@@ -134,13 +152,13 @@ def _find_nonfinite(run: Run) -> List[Finding]:
             parts.append(f"Every tensor's gradient was non-finite ({where}).")
         else:
             parts.append(f"Tensors with a NaN/Inf gradient: {where}.")
-    loss_given = not (np.isnan(loss0) and run.log.records[i0].get("loss") is None)
+    loss_given = not (np.isnan(loss0) and run.records[i0].get("loss") is None)
     if loss_given and not np.isfinite(loss0):
-        parts.append(f"The loss itself was {_fmt(loss0)} at that step, so the NaN/Inf came "
+        parts.append(f"The loss itself was {format_value(loss0)} at that step, so the NaN/Inf came "
                      f"from the forward pass: a bad input batch (NaN/Inf in the data) or an "
                      f"overflow in the model before the loss.")
     elif loss_given and tensors and (tcount is None or not n_params or tcount < n_params):
-        parts.append(f"The loss was finite ({_fmt(loss0)}), so the NaN/Inf arose in the "
+        parts.append(f"The loss was finite ({format_value(loss0)}), so the NaN/Inf arose in the "
                      f"backward pass of {'that tensor' if len(tensors) == 1 else 'those tensors'}"
                      f" (an overflow in the layer, a bad custom backward, or a corrupted "
                      f"gradient), not in the data.")
@@ -174,7 +192,7 @@ def _find_nonfinite(run: Run) -> List[Finding]:
 def _find_spikes(run: Run) -> List[Finding]:
     out: List[Finding] = []
     usable = ~run.nonfinite
-    sp = _spikes(run.total, usable, SPIKE_RATIO, SPIKE_Z)
+    sp = find_spikes(run.total, usable, SPIKE_RATIO, SPIKE_Z)
     if sp:
         lines = []
         groups_all: List[str] = []
@@ -182,7 +200,7 @@ def _find_spikes(run: Run) -> List[Finding]:
             s = int(run.steps[i])
             gs = []
             for g in range(len(run.groups)):
-                gsp = _spikes(run.norm[:i + 1, g], usable[:i + 1], SPIKE_RATIO, SPIKE_Z)
+                gsp = find_spikes(run.norm[:i + 1, g], usable[:i + 1], SPIKE_RATIO, SPIKE_Z)
                 if gsp and gsp[-1][0] == i:
                     gs.append(run.groups[g])
             groups_all += [g for g in gs if g not in groups_all]
@@ -191,14 +209,14 @@ def _find_spikes(run: Run) -> List[Finding]:
             elif run.clipped[i]:
                 c = np.nanmin(run.clip_coef[i]) if np.any(np.isfinite(run.clip_coef[i])) \
                     else math.nan
-                fate = f"clipped (coefficient {_fmt(c)})"
+                fate = f"clipped (coefficient {format_value(c)})"
             elif run.has_clip:
                 fate = "applied **unclipped**"
             else:
                 fate = "applied"
-            lines.append(f"step {s}: total gradient norm {_fmt(v)}, {v / med:.0f}x the "
-                         f"typical {_fmt(med)}" + (f"; groups {', '.join(f'`{g}`' for g in gs)}"
-                                                   if gs else "") + f"; {fate}")
+            gtxt = f"; groups {', '.join(f'`{g}`' for g in gs)}" if gs else ""
+            lines.append(f"step {s}: total gradient norm {format_value(v)}, {v / med:.0f}x the "
+                         f"typical {format_value(med)}{gtxt}; {fate}")
         more = f" ({len(sp) - 8} more not listed)" if len(sp) > 8 else ""
         steps = [int(run.steps[i]) for i, _, _ in sp]
         text = (f"{len(sp)} gradient-norm spike{'s' if len(sp) > 1 else ''} (at least "
@@ -214,7 +232,7 @@ def _find_spikes(run: Run) -> List[Finding]:
         out.append(Finding("grad_spike", sev, run.label, title, text, steps=steps,
                            groups=groups_all))
     if run.has_loss:
-        lsp = _spikes(run.loss, usable, 1.5, SPIKE_Z)
+        lsp = find_spikes(run.loss, usable, 1.5, SPIKE_Z)
         if lsp:
             gsteps = [int(run.steps[i]) for i, _, _ in sp]
             lines = []
@@ -223,7 +241,8 @@ def _find_spikes(run: Run) -> List[Finding]:
                 near = [g for g in gsteps if 0 <= s - g <= 3]
                 rel = (f"; {s - near[0]} step(s) after the gradient spike at step {near[0]}"
                        if near else "")
-                lines.append(f"step {s}: loss {_fmt(v)} vs. typical {_fmt(med)}{rel}")
+                lines.append(f"step {s}: loss {format_value(v)} vs. typical "
+                             f"{format_value(med)}{rel}")
             steps = [int(run.steps[i]) for i, _, _ in lsp]
             text = (f"{len(lsp)} loss spike{'s' if len(lsp) > 1 else ''} (at least 1.5x and "
                     f"{SPIKE_Z:g} robust standard deviations above the median of the previous "
@@ -255,9 +274,10 @@ def _find_clip_rate(run: Run, window: int) -> List[Finding]:
         last = c[-min(window, len(c)):]
         text = (f"Clipping was active in {int(c.sum())} of {n} applied steps "
                 f"({100 * rate:.0f}%; {100 * last.mean():.0f}% in the last {len(last)}). "
-                f"The median gradient norm is {_fmt(med)} while the clipped norm is about "
-                f"{_fmt(thr)}: the threshold sits below the typical gradient norm, so clipping "
-                f"no longer removes outliers, it rescales almost every step (an implicit, "
+                f"The median gradient norm is {format_value(med)} while the clipped norm is "
+                f"about {format_value(thr)}: the threshold sits below the typical gradient norm, "
+                f"so clipping no longer removes outliers, it rescales almost every step (an "
+                f"implicit, "
                 f"varying learning-rate cut). Either the threshold is too low for this model "
                 f"(raise `max_norm` to around the typical norm, or use an adaptive policy such "
                 f"as `ZScoreClip`) or the learning rate is too high and the norms grew because "
@@ -288,7 +308,7 @@ def _find_variance(run: Run, div: Optional[int], how: str) -> List[Finding]:
         end = div
         if end < 3 * w:
             return []
-        disp = _dispersion(usable[:end], w)
+        disp = dispersion(usable[:end], w)
         early = disp[w - 1: max(w, end // 2)]
         early = early[np.isfinite(early)]
         late = disp[end - 1] if np.isfinite(disp[end - 1]) else np.nan
@@ -301,7 +321,7 @@ def _find_variance(run: Run, div: Optional[int], how: str) -> List[Finding]:
             s_rise = int(run.steps[above[0]]) if len(above) else int(run.steps[end - 1])
             groups = []
             for g in range(len(run.groups)):
-                gd = _dispersion(np.where((run.nonfinite | run.skipped)[:end], np.nan,
+                gd = dispersion(np.where((run.nonfinite | run.skipped)[:end], np.nan,
                                           run.norm[:end, g]), w)
                 ge = gd[w - 1:max(w, end // 2)]
                 ge = ge[np.isfinite(ge)]
@@ -309,9 +329,10 @@ def _find_variance(run: Run, div: Optional[int], how: str) -> List[Finding]:
                         gd[end - 1] >= VAR_RISE * np.median(ge):
                     groups.append(run.groups[g])
             text = (f"The step-to-step variability of the gradient norm (robust spread of the "
-                    f"change in log norm over {w} steps) rose from {_fmt(base)} (typical in "
-                    f"steps {int(run.steps[w - 1])}-{int(run.steps[max(w, end // 2) - 1])}) to "
-                    f"{_fmt(late)} ({late / base:.1f}x) in the {w} steps before the run "
+                    f"change in log norm over {w} steps) rose from {format_value(base)} "
+                    f"(typical in steps {int(run.steps[w - 1])}-"
+                    f"{int(run.steps[max(w, end // 2) - 1])}) to "
+                    f"{format_value(late)} ({late / base:.1f}x) in the {w} steps before the run "
                     f"diverged at step {int(run.steps[div])} ({how}); it began rising around "
                     f"step {s_rise}." + (f" Groups where it rose: "
                                          f"{', '.join(f'`{g}`' for g in groups)}." if groups
@@ -326,7 +347,7 @@ def _find_variance(run: Run, div: Optional[int], how: str) -> List[Finding]:
     N = run.n
     if N < 8 * w:
         return []
-    disp = _dispersion(usable, w)
+    disp = dispersion(usable, w)
     q = N // 4
     a = disp[w - 1:q]
     b = disp[N - q:]
@@ -336,8 +357,9 @@ def _find_variance(run: Run, div: Optional[int], how: str) -> List[Finding]:
         return [Finding("variance_rising", "warning", run.label,
                         "Gradient-norm variance rising",
                         f"The step-to-step variability of the gradient norm grew from "
-                        f"{_fmt(ma)} in the first quarter of the run to {_fmt(mb)} in the last "
-                        f"quarter (steps {int(run.steps[N - q])}-{int(run.steps[-1])}, "
+                        f"{format_value(ma)} in the first quarter of the run to "
+                        f"{format_value(mb)} in the last quarter (steps "
+                        f"{int(run.steps[N - q])}-{int(run.steps[-1])}, "
                         f"{mb / ma:.1f}x). The run has not diverged, but this is how "
                         f"instability usually starts; watch the loss and consider a lower "
                         f"learning rate.", steps=[int(run.steps[N - q])])]
@@ -375,9 +397,10 @@ def _find_vanishing(run: Run, div: Optional[int]) -> List[Finding]:
             out.append(Finding(
                 "vanishing", "warning", run.label,
                 f"Gradient norm of `{name}` collapsed toward zero",
-                f"The gradient norm of group `{name}` fell from a median of {_fmt(me)} early in "
-                f"the run to {_fmt(ml)} at the end ({me / max(ml, 1e-300):.2g}x smaller), below "
-                f"1% of its early value from step {s} on.{loss_txt} Vanishing gradients mean this "
+                f"The gradient norm of group `{name}` fell from a median of {format_value(me)} "
+                f"early in the run to {format_value(ml)} at the end "
+                f"({me / max(ml, 1e-300):.2g}x smaller), below 1% of its early value from "
+                f"step {s} on.{loss_txt} Vanishing gradients mean this "
                 f"part of the model has stopped learning: saturated activations, dead ReLUs, "
                 f"a learning rate decayed to nothing, or weights driven to zero by weight "
                 f"decay.", steps=[s], groups=[name]))
@@ -405,12 +428,12 @@ def _find_stagnation(run: Run, div: Optional[int]) -> List[Finding]:
     tot = tot[np.isfinite(tot)]
     if len(tot) >= 10:
         a, b = float(np.median(tot[:len(tot) // 5 or 1])), float(np.median(tot[-k:]))
-        norm_txt = (f" Meanwhile the gradient norm went from a median of {_fmt(a)} to "
-                    f"{_fmt(b)}.")
+        norm_txt = (f" Meanwhile the gradient norm went from a median of {format_value(a)} to "
+                    f"{format_value(b)}.")
     return [Finding(
         "stagnation", "warning", run.label, "The loss barely improved",
-        f"The loss started at {_fmt(first)} (lowest of the first 5 steps) and ended at "
-        f"{_fmt(last)} (median of the last {k}, step {int(steps[-k])} on), "
+        f"The loss started at {format_value(first)} (lowest of the first 5 steps) and ended at "
+        f"{format_value(last)} (median of the last {k}, step {int(steps[-k])} on), "
         f"{100 * (1 - last / first):.0f}% lower; it was never more than 20% below its "
         f"start.{norm_txt} Training is stuck: a learning rate so high "
         f"that the model collapsed to a trivial solution (e.g. predicting the average), so "
@@ -418,21 +441,69 @@ def _find_stagnation(run: Run, div: Optional[int]) -> List[Finding]:
         steps=[int(steps[0]), int(steps[-1])])]
 
 
+def _find_log_losses(run: Run) -> List[Finding]:
+    """Rows the logger could not write, and the segments of a resumed run."""
+    out: List[Finding] = []
+    lost = run.log.dropped_rows
+    if lost:
+        err = next((e.get("last_error") for e in reversed(run.log.ends)
+                    if e and e.get("last_error")), None)
+        out.append(Finding(
+            "dropped_rows", "warning", run.label,
+            f"{lost} row{'s were' if lost != 1 else ' was'} lost",
+            f"The logger could not write {lost} step record{'s' if lost != 1 else ''}"
+            + (f" (last error: {err})" if err else "") + "; those steps are missing from "
+            "this report. Training was not affected. Check the disk space or the writer."))
+    segs = run.segments
+    if len(segs) > 1:
+        parts = []
+        for k, sg in enumerate(segs[1:], start=2):
+            txt = f"segment {k} holds steps {sg['first']}-{sg['last']}"
+            if sg["replaced"]:
+                txt += (f"; it went back to an earlier checkpoint and replaces the "
+                        f"{sg['replaced']} records of the segment before from step "
+                        f"{sg['first']} on")
+            if sg["shift"]:
+                txt += (f"; it started again at step 1 without the optimizer's state, so "
+                        f"its steps are shown after the segment before (shifted by "
+                        f"{sg['shift']})")
+            parts.append(txt)
+        unclosed = [str(k) for k, sg in enumerate(segs[:-1], start=1) if not sg["closed"]]
+        text = (f"The log holds {len(segs)} segments of one run (a run resumed into the "
+                f"same file), shown as one run with continuing steps: " + "; ".join(parts)
+                + "." + (f" Segment{'s' if len(unclosed) > 1 else ''} "
+                         f"{', '.join(unclosed)} ended without an end record (the run "
+                         f"crashed or was killed)." if unclosed else ""))
+        out.append(Finding("resumed", "info", run.label,
+                           f"Resumed {len(segs) - 1} time{'s' if len(segs) > 2 else ''}",
+                           text, steps=[sg["first"] for sg in segs[1:]]))
+    return out
+
+
 def analyze(log: LogData, *, window: int = SPIKE_WINDOW) -> List[Finding]:
     """The findings of one log (a ``"clean"`` finding when there are none)."""
     run = load_run(log)
-    return _analyze_run(run, window)
+    return analyze_run(run, window)
 
 
-def _analyze_run(run: Run, window: int) -> List[Finding]:
+def analyze_run(run: Run, window: int) -> List[Finding]:
+    """The findings of one run (see :func:`analyze` for a log read from a file).
+
+    Args:
+        run: the run's arrays (:func:`~gradstats.report.runs.load_run`).
+        window: moving window (steps) of the clip activation rate.
+
+    Returns:
+        the findings, with a ``"clean"`` one first when there is nothing to report.
+    """
     out: List[Finding] = []
     for p in run.log.problems:
         out.append(Finding("log_problem", "warning", run.label, "Unreadable log line", p))
     if run.n == 0:
         out.append(Finding("info", "warning", run.label, "No step records",
                            "The log holds no step records to analyse."))
-        return out
-    div, how = _divergence(run)
+        return out + _find_log_losses(run)
+    div, how = divergence(run)
     out += _find_nonfinite(run)
     out += _find_spikes(run)
     out += _find_clip_rate(run, window)
@@ -445,34 +516,46 @@ def _analyze_run(run: Run, window: int) -> List[Finding]:
                            f"Training diverged at step {int(run.steps[div])}",
                            f"The loss {how[9:]} from step {int(run.steps[div])} on.",
                            steps=[int(run.steps[div])]))
+    out += _find_log_losses(run)
     if run.log.end is None and run.log.header:
         out.append(Finding("info", "info", run.label, "Log not closed",
                            "The log has no end record: the run crashed, was killed, or is "
                            "still running (records buffered on the device at that time are "
                            "missing)."))
     if not any(f.severity in ("problem", "warning") and f.kind != "log_problem" for f in out):
-        fin_loss = _final(run.loss)
+        fin_loss = final_value(run.loss)
         out.insert(0, Finding(
             "clean", "info", run.label, "No instability signals",
             f"No problems found in {run.n} steps (steps {int(run.steps[0])}-"
             f"{int(run.steps[-1])}): no non-finite values, no gradient or loss spikes, "
             f"clipping active in {100 * float(run.clipped[~run.skipped].mean()):.0f}% of steps"
             f", no rising gradient variance, no collapsing norms." +
-            (f" Final loss {_fmt(fin_loss)}." if np.isfinite(fin_loss) else "")))
+            (f" Final loss {format_value(fin_loss)}." if np.isfinite(fin_loss) else "")))
     return out
 
 
 
-def _seed_findings(runs: List[Run], divs: List[Optional[int]]) -> List[Finding]:
+def seed_findings(runs: List[Run], divs: List[Optional[int]]) -> List[Finding]:
+    """Across-run findings for runs that are seeds of one configuration.
+
+    Args:
+        runs: two or more runs.
+        divs: each run's divergence index (:func:`divergence`), ``None`` if none.
+
+    Returns:
+        one ``"seed_spread"`` finding: some seeds diverged (problem), the final losses
+        (or gradient norms) spread too much (warning), or the seeds agree (info); ``[]``
+        for fewer than two runs.
+    """
     if len(runs) < 2:
         return []
     use_loss = all(r.has_loss for r in runs)
     what = "final loss" if use_loss else "final gradient norm"
-    finals = [_final(r.loss if use_loss else r.total) for r in runs]
+    finals = [final_value(r.loss if use_loss else r.total) for r in runs]
     diverged = [r.label for r, d, f in zip(runs, divs, finals)
                 if d is not None or not np.isfinite(f)]
     ok = [(r.label, f) for r, f in zip(runs, finals) if np.isfinite(f)]
-    table = "; ".join(f"`{r.label}`: {_fmt(f)}" for r, f in zip(runs, finals))
+    table = "; ".join(f"`{r.label}`: {format_value(f)}" for r, f in zip(runs, finals))
     if diverged and len(diverged) < len(runs):
         return [Finding("seed_spread", "problem", "all runs",
                         f"{len(diverged)} of {len(runs)} seeds diverged",
@@ -490,14 +573,15 @@ def _seed_findings(runs: List[Run], divs: List[Optional[int]]) -> List[Finding]:
             hi = ok[int(np.argmax(vals))]
             return [Finding("seed_spread", "warning", "all runs",
                             "Large variation across seeds",
-                            f"The {what} ranges from {_fmt(lo[1])} (`{lo[0]}`) to "
-                            f"{_fmt(hi[1])} (`{hi[0]}`), a spread of {100 * rel:.0f}% of the "
-                            f"median {_fmt(med)} ({table}). Results depend strongly on the "
+                            f"The {what} ranges from {format_value(lo[1])} (`{lo[0]}`) to "
+                            f"{format_value(hi[1])} (`{hi[0]}`), a spread of "
+                            f"{100 * rel:.0f}% of the median {format_value(med)} ({table}). "
+                            f"Results depend strongly on the "
                             f"seed: an unstable learning rate or too few steps; compare more "
                             f"seeds before drawing conclusions.")]
         return [Finding("seed_spread", "info", "all runs", "Seeds agree",
-                        f"The {what} of the {len(ok)} runs spans {_fmt(vals.min())}-"
-                        f"{_fmt(vals.max())} ({100 * rel:.0f}% of the median): little "
+                        f"The {what} of the {len(ok)} runs spans {format_value(vals.min())}-"
+                        f"{format_value(vals.max())} ({100 * rel:.0f}% of the median): little "
                         f"variation across seeds ({table}).")]
     return []
 

@@ -1,10 +1,10 @@
 """The PNG plots of ``gradstats report`` (matplotlib, Agg backend).
 
-* :func:`_plot_run`: one run's loss and each group's gradient norm with the running
+* :func:`plot_run`: one run's loss and each group's gradient norm with the running
   mean +- k std band, clipped / skipped / non-finite steps marked, and the clip activation
   rate over a moving window;
-* :func:`_plot_overlay`: several runs overlaid (loss, total gradient norm, clip rate);
-* :func:`_plot_spread`: median and min-max band across seeds.
+* :func:`plot_overlay`: several runs overlaid (loss, total gradient norm, clip rate);
+* :func:`plot_spread`: median and min-max band across seeds.
 
 Each writes one file and returns its path.
 """
@@ -90,7 +90,10 @@ def _legend_above(ax, ncol: int = 5) -> None:
                   columnspacing=1.2)
 
 
-def _plot_run(run: Run, path: str, k: float, window: int) -> str:
+def plot_run(run: Run, path: str, k: float, window: int) -> str:
+    """One run's overview PNG: loss, each group's gradient norm with the running mean
+    +- ``k`` std band, clipped / skipped / non-finite steps marked, and the share of
+    clipped steps over ``window`` steps. Returns ``path``."""
     plt = _plt()
     G = len(run.groups)
     show_g = list(range(min(G, 6)))
@@ -174,7 +177,9 @@ def _aligned(runs: List[Run], key: str) -> Tuple[np.ndarray, np.ndarray]:
     return np.array(steps), M
 
 
-def _plot_overlay(runs: List[Run], path: str, title: str, window: int) -> str:
+def plot_overlay(runs: List[Run], path: str, title: str, window: int) -> str:
+    """Several runs overlaid in one PNG (loss, total gradient norm, clip rate over
+    ``window`` steps), titled ``title``. Returns ``path``."""
     import matplotlib.transforms as mt
     plt = _plt()
     has_clip = any(r.has_clip for r in runs)
@@ -242,7 +247,9 @@ def _plot_overlay(runs: List[Run], path: str, title: str, window: int) -> str:
     return path
 
 
-def _plot_spread(runs: List[Run], path: str) -> str:
+def plot_spread(runs: List[Run], path: str) -> str:
+    """Median and min-max band across seeds (loss and total gradient norm) in one PNG.
+    Returns ``path``."""
     plt = _plt()
     fig, axes = plt.subplots(2, 1, figsize=(11, 6.4), sharex=True)
     for ax, key, lab in ((axes[0], "loss", "loss"), (axes[1], "total", "total grad norm")):

@@ -1,12 +1,12 @@
 """The thresholds of the training diagnosis and the robust statistics of one series.
 
 Shared by :mod:`gradstats.report.runs` (the running-statistics band leaves spikes out),
-:mod:`gradstats.report.diagnosis` (the signals), :mod:`gradstats.report.plots` (the clip-rate line) and
-:mod:`gradstats.report` (which documents the thresholds in ``report.md``):
+:mod:`gradstats.report.diagnosis` (the signals), :mod:`gradstats.report.plots` (the clip-rate
+line) and :mod:`gradstats.report` (which documents the thresholds in ``report.md``):
 
-* :func:`_spikes`: upward outliers against a robust z-score of the previous window;
-* :func:`_dispersion`: rolling robust spread of the step-to-step change of log(x);
-* :func:`_final`: the final value of a series (median of its last 10%).
+* :func:`find_spikes`: upward outliers against a robust z-score of the previous window;
+* :func:`dispersion`: rolling robust spread of the step-to-step change of log(x);
+* :func:`final_value`: the final value of a series (median of its last 10%).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ VANISH_FACTOR = 1e-3     # late median norm < 1e-3 x early median norm
 SEED_SPREAD = 0.25       # (max - min) / |median| of the final losses
 
 
-def _spikes(x: np.ndarray, usable: np.ndarray, ratio: float, z: float,
+def find_spikes(x: np.ndarray, usable: np.ndarray, ratio: float, z: float,
             window: int = SPIKE_WINDOW, min_hist: int = SPIKE_MIN_HISTORY,
             rel_floor: float = 0.05) -> List[Tuple[int, float, float]]:
     """(index, value, typical value) of upward outliers against the previous window's
@@ -52,7 +52,7 @@ def _spikes(x: np.ndarray, usable: np.ndarray, ratio: float, z: float,
 
 
 
-def _dispersion(x: np.ndarray, w: int) -> np.ndarray:
+def dispersion(x: np.ndarray, w: int) -> np.ndarray:
     """Rolling robust dispersion (1.4826 * MAD) of the step-to-step change of log(x)."""
     lx = np.log(np.where(x > 0, x, np.nan))
     d = np.diff(lx, prepend=np.nan)
@@ -66,7 +66,7 @@ def _dispersion(x: np.ndarray, w: int) -> np.ndarray:
 
 
 
-def _final(x: np.ndarray) -> float:
+def final_value(x: np.ndarray) -> float:
     """Median of the last 10% (at least 5) of the values; NaN if the last one is NaN/Inf."""
     if len(x) == 0 or np.all(np.isnan(x)):
         return math.nan

@@ -1,9 +1,12 @@
 """The stats log: what every optimizer step measured and did, recorded without host syncs.
 
-* :mod:`~gradstats.telemetry.logger` — :class:`StatsLogger` (device-side rows, async flush);
+* :mod:`~gradstats.telemetry.logger` — :class:`StatsLogger` (device-side rows, async flush;
+  write errors never stop training, a resumed run appends a segment, rank 0 writes under
+  ``torch.distributed``);
 * :mod:`~gradstats.telemetry.format` — the records and their fields (the format's docs);
 * :mod:`~gradstats.telemetry.writers` — JSON Lines, CSV and TensorBoard writers;
-* :mod:`~gradstats.telemetry.reader` — :func:`read_log`, which names bad lines.
+* :mod:`~gradstats.telemetry.reader` — :func:`read_log`, which names bad lines and checks
+  every field.
 """
 from .format import FORMAT_NAME, FORMAT_VERSION
 from .logger import StatsLogger, attach
