@@ -173,11 +173,11 @@ def train(kind: str, steps: int, out: str, *, seed: int = 0, lr: float = LR,
                                               max_norm=MAX_NORM * 5),
             spike=policies.SpikeSkip(window=64, k=6.0, warmup=min(32, max(2, steps // 6))),
             param_names=names)
-        logger = telemetry.attach(opt, path, flush_every=flush_every, meta=meta)
+        logger = telemetry.attach(opt, path, flush_every=flush_every, meta=meta, overwrite=True)
     else:
         opt = inner
         logger = telemetry.StatsLogger(path, flush_every=flush_every, groups=inner.param_groups,
-                                       param_names=names, meta=meta)
+                                       param_names=names, meta=meta, overwrite=True)
     bar = _Progress(steps, f"{title:31s}") if progress else None
     losses_t: List[torch.Tensor] = []
     t_opt = 0.0

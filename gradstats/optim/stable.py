@@ -140,7 +140,10 @@ class StableOptimizer(Optimizer):
             telemetry and diagnosis.
         log: record every step in a stats log: a path (JSON Lines; ``.csv`` for CSV), a
             writer or a :class:`gradstats.telemetry.StatsLogger`. :attr:`log` is then the
-            logger; call ``opt.log.close()`` at the end. See :mod:`gradstats.telemetry`.
+            logger; call ``opt.log.close()`` at the end. An existing log is appended to (a
+            new segment; pass ``StatsLogger(..., overwrite=True)`` to truncate); under
+            ``torch.distributed`` only rank 0 writes unless the path holds ``{rank}``. See
+            :mod:`gradstats.telemetry`.
         grad_scaler: a ``torch.amp.GradScaler`` whose loss-scale division is folded into
             the step (see "AMP" in the module docstring).
         pp_group: pipeline parallelism: the process group (or 1-D device mesh) across
