@@ -156,7 +156,7 @@ class NoiseScaleDDPState:
         self.tracker.observe_small(small, b, b * world, big_scale=inv_b2)
 
 
-def ddp_comm_hook(state: NoiseScaleDDPState, bucket: Any) -> "torch.futures.Future[Tensor]":
+def ddp_comm_hook(state: NoiseScaleDDPState, bucket):  # no annotations: DDP checks them
     """DDP communication hook: measure the bucket's local squared norm, then run the
     wrapped hook (default: all-reduce and average).
 
