@@ -78,6 +78,7 @@ class NoiseScaleTracker:
             raise ValueError(f"alpha must be a number in (0, 1), got {alpha!r}")
         self.alpha = float(alpha)
         self._running: Optional[Tensor] = None  # float32 [3, 2]: (mean, var, count) x (g2, trace)
+        self._views: Any = None
         if device is not None:
             self._running = torch.zeros(3, 2, dtype=_F32, device=torch.device(device))
         self._last_x: Optional[Tensor] = None  # float32 [2]: the last step's (g2, trace)
@@ -89,10 +90,13 @@ class NoiseScaleTracker:
     # ------------------------------------------------------------------ state
     def _state(self, device: torch.device) -> Tensor:
         r = self._running
-        if r is None:
-            r = self._running = torch.zeros(3, 2, dtype=_F32, device=device)
-        elif r.device != device:
-            r = self._running = r.to(device)
+        if r is None or r.device != device:
+            r = self._running = (torch.zeros(3, 2, dtype=_F32, device=device) if r is None
+                                 else r.to(device))
+            self._views = None
+        if self._views is None:
+            # (mean, var, count) rows and the two means, as views made once
+            self._views = (r[0], r[1], r[2], r[0, 0], r[0, 1])
         return r
 
     @property
@@ -210,7 +214,8 @@ class NoiseScaleTracker:
             valid.to(device=s.device, dtype=torch.bool).reshape(())
         # non-finite values are not recorded (update_ checks each; both are non-finite
         # together since each mixes both squared norms)
-        update_(r[0], r[1], r[2], x, ok.expand(2), self.alpha)
+        mean, var, count = self._views[:3]
+        update_(mean, var, count, x, ok.expand(2), self.alpha)
         self._last_x = x
         self._last_b = (bs, bb)
         return x
@@ -312,8 +317,8 @@ class NoiseScaleTracker:
         dev = x.device
         bs, bb = self._last_b
         g2, tr = x.unbind()
-        r = self._running
-        return {"noise_g2": g2, "noise_trace": tr, "noise_b_simple": r[0, 1] / r[0, 0],
+        m_g2, m_tr = self._views[3:]
+        return {"noise_g2": g2, "noise_trace": tr, "noise_b_simple": m_tr / m_g2,
                 "noise_b_small": self._bt(bs, dev), "noise_b_big": self._bt(bb, dev)}
 
     # --------------------------------------------------------------- optimizer binding
