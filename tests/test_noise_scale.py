@@ -322,3 +322,23 @@ def test_binding_validates():
         tr.observe_micro_batch(8, 8)
     with pytest.raises(TypeError, match="loss_scale"):
         tr.observe_micro_batch(4, 8, loss_scale="x")
+
+
+def test_hot_paths_read_no_device_value():
+    """On the meta device no value can be read: the per-step paths (observe_small +
+    observe_big with the logged fields, the DDP bucket norm) run there, so they never
+    synchronise with the device."""
+    from gradstats.noise_scale import NoiseScaleDDPState
+    meta = torch.device("meta")
+    tr = NoiseScaleTracker(device=meta)
+    for _ in range(2):
+        tr.observe_small(torch.empty((), device=meta), 8, 64, big_scale=0.25)
+        assert tr.observe_big(torch.empty((), device=meta),
+                              valid=torch.empty((), dtype=torch.bool, device=meta))
+    f = tr.fields()
+    assert set(f) == set(FIELD_NAMES) and all(v.device == meta for v in f.values())
+    assert tr.b_simple.device == meta
+    state = NoiseScaleDDPState.__new__(NoiseScaleDDPState)  # no process group needed
+    state._acc, state.counters = None, {"buckets": 0, "steps": 0, "collectives": 0}
+    state.add_bucket(torch.empty(1000, device=meta, dtype=torch.bfloat16))
+    assert state._acc.device == meta and state.counters["buckets"] == 1
