@@ -111,12 +111,12 @@ def single_process(args) -> dict:
     # the step hook, called directly on the last record (the step itself excluded)
     tr = NoiseScaleTracker()
     binding = tr.attach(opt, batch_size=64)
-    out["hook_idle_us"] = med_us(lambda: binding._on_step(opt, rec[0]), 2000)
+    out["hook_idle_us"] = med_us(lambda: binding.on_step(opt, rec[0]), 2000)
     sq = torch.tensor(1.5)
 
     def busy():
         tr.observe_small(sq, 8, 64)
-        binding._on_step(opt, rec[0])
+        binding.on_step(opt, rec[0])
     out["hook_measuring_us"] = med_us(busy, 2000)
     with CountOps() as c:
         busy()
@@ -124,11 +124,11 @@ def single_process(args) -> dict:
     with CountOps() as c:
         tr.observe_micro_batch(8)
     out["observe_micro_batch_device_ops"] = c.n
-    tr._pending = None
+    tr.reset()
 
     # statistics passes: observe_micro_batch vs the step
     out["observe_micro_batch_us"] = med_us(lambda: tr.observe_micro_batch(8), args.iters)
-    tr._pending = None
+    tr.reset()
     binding.remove()
     out["step_plain_us"] = med_us(opt.step, args.iters)
     out["backward_us"] = med_us(backward, args.iters)

@@ -99,15 +99,18 @@ class OptimizerBinding:
         self.batch_size = batch_size
         self.loss_reduction = loss_reduction
         self.log = bool(log)
-        self._handle = optimizer.register_step_hook(self._on_step, prepend=True)
+        self._handle = optimizer.register_step_hook(self.on_step, prepend=True)
 
     def remove(self) -> None:
-        """Stop feeding the tracker."""
+        """Stop feeding the tracker (its step hook is unregistered)."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        if getattr(self.tracker, "_binding", None) is self:
-            self.tracker._binding = None
+
+    @property
+    def active(self) -> bool:
+        """Whether the step hook is registered."""
+        return self._handle is not None
 
     # ------------------------------------------------------------------ small batch
     def observe_micro_batch(self, micro_batch_size: TensorOrNumber,
@@ -143,7 +146,10 @@ class OptimizerBinding:
         self.tracker.observe_small(sq, bs, bb, big_scale=s_big * s_big)
 
     # ------------------------------------------------------------------ big batch
-    def _on_step(self, opt: Any, record: Any) -> None:
+    def on_step(self, opt: Any, record: Any) -> None:
+        """The step hook: combine the pending small-batch measurement (if any) with the
+        step's squared total norm; skipped steps are not recorded; add the fields to
+        ``record.info`` when ``log``."""
         tr = self.tracker
         if not tr.pending:
             return

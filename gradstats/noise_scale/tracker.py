@@ -375,10 +375,11 @@ class NoiseScaleTracker:
             RuntimeError: the tracker is not attached to an optimizer.
             ValueError: no batch size, or ``micro_batch_size >= batch_size``.
         """
-        if self._binding is None:
+        if self._binding is None or not self._binding.active:
             raise RuntimeError("observe_micro_batch needs an optimizer: call "
                                "tracker.attach(opt, batch_size=...) first")
         self._binding.observe_micro_batch(micro_batch_size, batch_size, loss_scale=loss_scale)
 
     def __repr__(self) -> str:
-        return f"NoiseScaleTracker(alpha={self.alpha}, attached={self._binding is not None})"
+        attached = self._binding is not None and self._binding.active
+        return f"NoiseScaleTracker(alpha={self.alpha}, attached={attached})"
