@@ -6,7 +6,7 @@ backends that cannot run say why (``python -m gradstats info``).
 from .backends.registry import BackendUnavailableError
 from .clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from .core.stats import GradStats, grad_stats
-from . import policies
+from . import noise_scale, policies
 from .optim import StableOptimizer
 from .patch import TorchPatch, patch_torch
 from .version import __version__
@@ -21,6 +21,7 @@ __all__ = [
     "clip_grads_with_norm_",
     "get_total_norm",
     "grad_stats",
+    "noise_scale",
     "patch_torch",
     "policies",
     "__version__",

@@ -107,6 +107,18 @@ class StepRecord:
                     out[n] = t
         return out
 
+    def add_info(self, name: str, value: Tensor) -> None:
+        """Add an entry to :attr:`info` (a step hook's extra field, e.g. the noise scale;
+        telemetry logs ``info``). An existing entry of that name is replaced.
+
+        Raises:
+            TypeError: ``name`` is not a string or ``value`` not a tensor.
+        """
+        if not isinstance(name, str) or not isinstance(value, Tensor):
+            raise TypeError(f"add_info takes a str name and a tensor value, got "
+                            f"({type(name).__name__}, {type(value).__name__})")
+        self._info_direct[name] = value
+
     @property
     def running_mean(self) -> Tensor:
         return self.running[0]

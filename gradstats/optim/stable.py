@@ -417,7 +417,8 @@ class StableOptimizer(Optimizer):
 
     # ----------------------------------------------------------------------- hooks
     def register_step_hook(self, hook: Callable[["StableOptimizer", StepRecord], Any], *,
-                           needs_per_tensor: bool = False) -> RemovableHandle:
+                           needs_per_tensor: bool = False,
+                           prepend: bool = False) -> RemovableHandle:
         """Call ``hook(optimizer, record)`` at the end of every :meth:`step`.
 
         ``record`` is the step's :class:`StepRecord` (device tensors: a hook that does not
@@ -428,6 +429,8 @@ class StableOptimizer(Optimizer):
             hook: the callable.
             needs_per_tensor: the hook reads ``record.stats.per_tensor_norm``; the
                 statistics pass then computes per-tensor norms while it is registered.
+            prepend: run this hook before the hooks already registered (e.g. one that
+                adds ``record.info`` entries before telemetry records the step).
 
         Returns:
             a handle whose ``remove()`` unregisters the hook.
@@ -445,6 +448,8 @@ class StableOptimizer(Optimizer):
             raise TypeError(f"hook must be callable, got {type(hook).__name__}")
         handle = RemovableHandle(self._step_hooks)
         self._step_hooks[handle.id] = (hook, bool(needs_per_tensor))
+        if prepend:
+            self._step_hooks.move_to_end(handle.id, last=False)
         return handle
 
     def register_stats_hook(self, hook: Callable[["StableOptimizer", GradStats], Any]

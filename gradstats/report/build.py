@@ -39,6 +39,7 @@ import numpy as np
 from .diagnosis import Finding, analyze_run, divergence, format_value, seed_findings
 from .diagnosis import analyze  # noqa: F401  (public, re-exported)
 from ..telemetry.reader import read_log
+from .noise import noise_section
 from .plots import plot_overlay, plot_run, plot_spread
 from .runs import Run, load_run
 from .signals import (CLIP_RATE, SEED_SPREAD, SPIKE_RATIO, SPIKE_WINDOW, SPIKE_Z,
@@ -150,6 +151,8 @@ def build_report(paths: Sequence[str], out_dir: str, *, k: float = 3.0,
                       os.path.join(out_dir, "seeds_spread.png"))
     problems += [e for e in errors if e not in problems]
     md = _markdown(title, runs, findings, problems, written, out_dir, k, window, compare)
+    noise = noise_section(runs, out_dir, plots=plots)  # empty without noise-scale fields
+    md, written = md + noise.markdown, written + noise.plots
     md_path = os.path.join(out_dir, "report.md")
     with open(md_path, "w", encoding="utf-8") as f:
         f.write(md)
