@@ -84,6 +84,9 @@ __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "StatsLogger", "attach", "read_log",
            "JSONLWriter", "CSVWriter", "TensorBoardWriter", "open_writer"]
 
 
+#: names a StepRecord ``info`` entry may not take in a step record (the format's own)
+_RESERVED = frozenset(SCALAR_FIELDS) | frozenset(PER_GROUP_FIELDS) | {
+    "type", "skip_reason", "nonfinite_tensors", "nonfinite_tensor_count"}
 _F64 = torch.float64
 
 
@@ -251,6 +254,8 @@ class StatsLogger:
         self.last_error: Optional[str] = None
         self._warned = False
         self._layout: Optional[Dict[str, Tuple[int, int]]] = None
+        #: extra 0-dim fields of the StepRecord's ``info`` (policy and tracker values)
+        self._info_names: Tuple[str, ...] = ()
         self._G = -1
         self._F = 0
         self._dev_buf: Optional[Tensor] = None
@@ -347,12 +352,27 @@ class StatsLogger:
             return src
         return [{"params": src}]  # a plain list of parameters: one group
 
-    def _ensure_layout(self, G: int, device: torch.device) -> None:
+    def _ensure_layout(self, G: int, device: torch.device,
+                       info: Optional[Tuple[str, ...]] = None) -> None:
+        if info is not None and info != self._info_names and self._layout is not None \
+                and G == self._G and self._dev_buf is not None \
+                and self._dev_buf.device == device:
+            # new policy extras (0-dim info fields): same header, wider rows
+            self._write_all()
+            self._info_names = info
+            self._build_layout(G, device)
+            return
         if self._layout is not None and G == self._G and self._dev_buf is not None \
                 and self._dev_buf.device == device:
             return
         if self._layout is not None:  # the groups or the device changed: new header
             self._write_all()
+        if info is not None:
+            self._info_names = info
+        self._build_layout(G, device)
+        self._make_header(G, device)
+
+    def _build_layout(self, G: int, device: torch.device) -> None:
         self._G = G
         layout: Dict[str, Tuple[int, int]] = {}
         off = 0
@@ -364,13 +384,15 @@ class StatsLogger:
         for name in PER_GROUP_FIELDS:
             layout[name] = (off, G)
             off += G
+        for name in self._info_names:  # policy/tracker extras: one value each
+            layout[name] = (off, 1)
+            off += 1
         self._layout, self._F = layout, off
         self._dev_buf = torch.empty((self.flush_every, off), dtype=_F64, device=device)
         self._host_buf = (torch.empty((self.flush_every, off), dtype=_F64, pin_memory=True)
                           if device.type == "cuda" else None)
         self._slot = 0
         self._metas = []
-        self._make_header(G, device)
 
     def _make_header(self, G: int, device: torch.device) -> None:
         """The header of the rows to come; written just before the first of them (then
@@ -451,8 +473,12 @@ class StatsLogger:
             return
         try:
             st = rec.stats
-            self._ensure_layout(int(st.norm.numel()), st.norm.device)
-            dev: Dict[str, Any] = {
+            extras = {k: v for k, v in rec.info.items()
+                      if isinstance(v, Tensor) and v.numel() == 1 and k not in _RESERVED}
+            names = tuple(sorted(set(self._info_names) | set(extras)))
+            self._ensure_layout(int(st.norm.numel()), st.norm.device, names)
+            dev: Dict[str, Any] = dict(extras)
+            dev.update({
                 "step": rec.step, "total_norm": st.total_norm, "skipped": rec.skipped,
                 "skipped_nonfinite": rec.skipped_nonfinite,
                 "skipped_spike": rec.skipped_spike, "nonfinite": rec.nonfinite,
@@ -460,7 +486,7 @@ class StatsLogger:
                 "clip_coef": rec.clip_coef, "clipped": rec.clipped,
                 "running_mean": rec.running_mean, "running_std": rec.running_std,
                 "zscore": rec.zscore,
-            }
+            })
             if rec.loss is not None:
                 dev["loss"] = rec.loss
             if getattr(rec, "loss_scale", None) is not None:
@@ -763,7 +789,18 @@ class StatsLogger:
                 vals = [int(v) if math.isfinite(v) else None for v in vals]
             return vals[0] if name in SCALAR_FIELDS else vals
 
-        return step_record(get, names)
+        rec = step_record(get, names)
+        for name in layout:
+            if name in self._info_set_of(layout):
+                off, _ = layout[name]
+                v = row[off]
+                rec[name] = v if math.isfinite(v) else None
+        return rec
+
+    @staticmethod
+    def _info_set_of(layout: Dict[str, Tuple[int, int]]) -> frozenset:
+        """The extra (info) fields of a row layout: those not in the format's own."""
+        return frozenset(n for n in layout if n not in _RESERVED)
 
     def _write_all(self) -> None:
         self._flush_device()
