@@ -13,28 +13,47 @@ A failed extension build never fails the install: a warning is printed, the reas
 written to ``gradstats/_ext_status.txt``, and ``import gradstats`` reports the native
 backend as unavailable with that reason.
 
+    GRADSTATS_SANITIZE        e.g. ``address,undefined``: compile and link with
+                              ``-fsanitize=...`` (``make asan``; build into a separate
+                              directory with ``--build-lib``/``--build-temp``: a sanitized
+                              build never touches the in-place library of the source tree).
+
 CPU kernels: ``csrc/cpu/stats_kernel.h`` is compiled three times, with the baseline flags,
-with AVX2/FMA/F16C and with AVX512 (x86-64 only), each into its own namespace; the
-extension picks the best one the running CPU supports (capped by torch's own
-``ATEN_CPU_CAPABILITY`` choice), so a build made here also runs on older x86-64 CPUs.
+with AVX2/FMA/F16C and with AVX512 (x86-64 only), each into its own namespace and with
+``-fno-weak``, so that no inline function compiled with one instruction set can be merged
+with another object's copy (see ``csrc/cpu/stats_kernel.h``); after compiling, each kernel
+object is checked to export nothing but its table getter. The extension picks the build at
+run time (``csrc/capability.cpp``): the best *verified* one the CPU supports, capped by
+torch's own ``ATEN_CPU_CAPABILITY`` choice; AVX512 only on request
+(``GRADSTATS_CPU_CAPABILITY=avx512``) until it has been verified on an AVX512 machine.
 """
 import copy
 import os
 import platform
 import shutil
+import subprocess
 import sys
+import tempfile
 import traceback
 
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STATUS_FILE = "_ext_status.txt"
-# Sources compiled with extra instruction-set flags (and only those sources).
+# The CPU kernel objects: compiled with -fno-weak (every inline/template function they use
+# gets internal linkage: a private copy, never merged with another object's copy built for
+# another instruction set) and hidden visibility; the ISA builds add their -m flags (and
+# only they do).
+KERNEL_FLAGS = ["-fno-weak", "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
 ISA_FLAGS = {
-    "kernel_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
-    "kernel_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
-                          "-mf16c"],
+    "kernel_default.cpp": KERNEL_FLAGS,
+    "kernel_avx2.cpp": KERNEL_FLAGS + ["-mavx2", "-mfma", "-mf16c"],
+    "kernel_avx512.cpp": KERNEL_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl",
+                                         "-mavx512dq", "-mfma", "-mf16c"],
 }
+# Host sources, one job each (csrc/README.md).
+HOST_SOURCES = ["csrc/registration.cpp", "csrc/cpu_ops.cpp", "csrc/capability.cpp",
+                "csrc/module.cpp", "csrc/fingerprint.cpp", "csrc/params.cpp"]
 
 
 def _log(msg):
@@ -55,6 +74,48 @@ def _want_cuda(torch, cpp_extension):
     return have
 
 
+def _compiler_accepts(flag):
+    """Whether the C++ compiler setuptools will use accepts ``flag`` (compiles a stub)."""
+    cxx = os.environ.get("CXX") or "c++"
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "probe.cpp")
+        with open(src, "w") as f:
+            f.write("inline int f() { return 1; }\nint g() { return f(); }\n")
+        try:
+            res = subprocess.run([cxx, flag, "-c", src, "-o", os.path.join(d, "probe.o")],
+                                 capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return res.returncode == 0 and "unrecognized" not in res.stderr
+
+
+def check_kernel_object(obj, source):
+    """ODR guard: a CPU kernel object may export exactly one symbol, its table getter
+    (``gradstats::cpu::table_<cap>()``). Anything else with external linkage (a weak inline
+    function, a template instantiation) could be merged with the copy of another object
+    compiled for another instruction set. Raises RuntimeError naming the symbols."""
+    nm = shutil.which("nm")
+    if nm is None:
+        _log(f"nm not found: cannot check the exported symbols of {obj}")
+        return
+    out = subprocess.run([nm, "-g", "--defined-only", "-P", obj], capture_output=True,
+                         text=True, check=True).stdout
+    # (name, type) pairs. Common symbols ("C": zero-initialised data such as the empty
+    # std::ranges function objects of C++20, emitted so under -fno-weak) hold no code and no
+    # code pointers, so they cannot carry instructions of one build into another.
+    syms = [line.split()[:2] for line in out.splitlines() if line.strip()]
+    names = [n for n, t in syms if t != "C"]
+    tables = [n for n in names if "table_" in n]
+    # DW.ref.__gxx_personality_v0: the same pointer to libstdc++'s personality routine
+    # in every object, no code
+    bad = [n for n in names if "table_" not in n and n != "DW.ref.__gxx_personality_v0"]
+    if bad or len(tables) != 1:
+        raise RuntimeError(
+            f"ODR guard: {os.path.basename(source)} must export only its kernel table getter, "
+            f"but {obj} exports {bad[:10]} ({len(bad)} symbols). Inline functions of the "
+            "instruction-set builds must stay private to their object (-fno-weak).")
+
+
 def _extensions():
     """(ext_modules, cmdclass) for setup(); empty when the extension is not wanted."""
     if os.environ.get("GRADSTATS_NO_EXT", "").strip() == "1":
@@ -71,13 +132,24 @@ def _extensions():
 
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
     unix = os.name == "posix"
-    sources = ["csrc/ops.cpp", "csrc/fingerprint.cpp", "csrc/cpu/kernel_default.cpp"]  # default build links first
+    sources = HOST_SOURCES + ["csrc/cpu/kernel_default.cpp"]
     macros = []
     if x86 and unix:
-        sources += ["csrc/cpu/kernel_avx2.cpp", "csrc/cpu/kernel_avx512.cpp"]
-        macros += [("GRADSTATS_HAVE_AVX2", "1"), ("GRADSTATS_HAVE_AVX512", "1")]
+        if _compiler_accepts("-fno-weak"):
+            sources += ["csrc/cpu/kernel_avx2.cpp", "csrc/cpu/kernel_avx512.cpp"]
+            macros += [("GRADSTATS_HAVE_AVX2", "1"), ("GRADSTATS_HAVE_AVX512", "1")]
+        else:  # without it the ISA builds could leak AVX code into shared inline functions
+            _log("WARNING: the C++ compiler does not accept -fno-weak; building the "
+                 "baseline CPU kernels only (no AVX2/AVX512 builds)")
+            ISA_FLAGS["kernel_default.cpp"] = []
     cxx = ["-O3"] if unix else ["/O2"]
     link = []
+    sanitize = os.environ.get("GRADSTATS_SANITIZE", "").strip()
+    if sanitize:
+        if not unix:
+            raise RuntimeError("GRADSTATS_SANITIZE needs gcc or clang")
+        cxx += ["-O1", "-g", f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"]
+        link += [f"-fsanitize={sanitize}"]
     # at::parallel_for is inline: with torch's OpenMP backend the extension must be
     # compiled with OpenMP, or it runs single-threaded. At run time the libgomp torch
     # already loaded (same soname) serves it.
@@ -117,7 +189,8 @@ def _extensions():
             built = self.get_ext_fullpath(ext.name)
             src_pkg = os.path.join(HERE, *ext.name.split(".")[:-1])
             out = [(built, os.path.join(os.path.dirname(built), STATUS_FILE))]
-            if os.path.isdir(src_pkg):
+            sanitized = bool(os.environ.get("GRADSTATS_SANITIZE", "").strip())
+            if os.path.isdir(src_pkg) and not sanitized:
                 out.append((os.path.join(src_pkg, os.path.basename(built)),
                             os.path.join(src_pkg, STATUS_FILE)))
             return out
@@ -147,14 +220,18 @@ def _extensions():
             inner = self.compiler._compile
 
             def _compile(obj, src, ext_, cc_args, extra_postargs, pp_opts):
-                extra = ISA_FLAGS.get(os.path.basename(src))
+                base = os.path.basename(src)
+                extra = ISA_FLAGS.get(base)
                 if extra:
                     extra_postargs = copy.deepcopy(extra_postargs)
                     if isinstance(extra_postargs, dict):
                         extra_postargs["cxx"] = list(extra_postargs["cxx"]) + extra
                     else:
                         extra_postargs = list(extra_postargs) + extra
-                return inner(obj, src, ext_, cc_args, extra_postargs, pp_opts)
+                out = inner(obj, src, ext_, cc_args, extra_postargs, pp_opts)
+                if base in ISA_FLAGS and "-fno-weak" in ISA_FLAGS[base]:
+                    check_kernel_object(obj, src)
+                return out
 
             self.compiler._compile = _compile
             try:

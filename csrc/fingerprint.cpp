@@ -1,13 +1,21 @@
-// gradstats._C.fingerprint(list_of_tensors) -> (bytes, same_device) | None
-// gradstats._C.grads_of(list_of_params) -> list of their non-None .grad | None
+// Host-side cache keys of a list of tensors (see gradstats/core/grouping.py):
 //
-// The host-side cache key of a call's gradients (see gradstats/_grouping.py): for every
-// tensor its address, element count, dtype, device and contiguity (plus sizes and strides
-// when it is not contiguous), packed into one bytes object. Equal bytes <=> a cached kernel
-// plan is still valid; the bytes are compared exactly, so there are no hash collisions to
-// fear. Doing this in C++ costs ~20 ns per tensor, against ~200 ns for the same fields read
-// through five Python-level passes: the difference is the host time per call at 150 tensors.
-// Moves no tensor data.
+// gradstats._C.fingerprint(tensors) -> (key: bytes, same_device: bool) | None
+//     For every tensor its address, element count, dtype, device and contiguity (plus
+//     sizes and strides when it is not contiguous). Equal bytes <=> a plan made for these
+//     exact tensors is still valid.
+// gradstats._C.describe(tensors) -> (key: bytes, ptrs: bytes, same_device: bool) | None
+//     The same without the address: element count, dtype, device, contiguity (plus dim,
+//     sizes, strides when not contiguous) and the address modulo 16 (alignment class),
+//     i.e. everything a kernel plan depends on except where the data is. Equal keys <=> a
+//     plan keyed by structure is still valid after the gradients moved (zero_grad
+//     (set_to_none=True) + backward()). `ptrs` packs the int64 data pointers in order, for
+//     numpy.frombuffer(ptrs, dtype=numpy.int64) without a copy.
+//
+// Both return None when an element is not a plain strided tensor with storage (the
+// caller's Python path). The bytes are compared exactly: no hash collisions to fear. In
+// C++ this costs ~20 ns per tensor, against ~200 ns for the same fields read through
+// Python-level passes. Moves no tensor data.
 #include <Python.h>
 
 #include <cstdint>
@@ -17,6 +25,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/python_variable.h>
+
+#include "python_api.h"
 
 namespace gradstats {
 
@@ -33,8 +43,38 @@ struct Record {
 };
 static_assert(sizeof(Record) == 24, "Record must stay packed");
 
+// describe(): one record per tensor, then dim, sizes, strides when not contiguous.
+struct StructRecord {
+  int64_t numel;
+  int8_t dtype;
+  int8_t device_type;
+  int16_t device_index;
+  int8_t contiguous;
+  int8_t align16;  // data address modulo 16
+  int8_t pad[2];
+};
+static_assert(sizeof(StructRecord) == 16, "StructRecord must stay packed");
+
 void append(std::string& buf, const void* p, size_t n) {
   buf.append(static_cast<const char*>(p), n);
+}
+
+// A strided tensor with real storage whose data pointer the kernels may read, or nullptr.
+const at::Tensor* plain_tensor(PyObject* o) {
+  if (!THPVariable_Check(o)) return nullptr;
+  const at::Tensor& t = THPVariable_Unpack(o);
+  if (!t.defined() || t.layout() != at::kStrided || !t.has_storage() || t.is_meta() ||
+      t.unsafeGetTensorImpl()->is_python_dispatch()) {
+    return nullptr;
+  }
+  return &t;
+}
+
+void append_layout(std::string& buf, const at::Tensor& t) {
+  const int64_t dim = t.dim();
+  append(buf, &dim, sizeof(dim));
+  append(buf, t.sizes().data(), sizeof(int64_t) * dim);
+  append(buf, t.strides().data(), sizeof(int64_t) * dim);
 }
 
 }  // namespace
@@ -64,12 +104,7 @@ PyObject* py_fingerprint(PyObject* /*self*/, PyObject* arg) {
       r.device_index = static_cast<int16_t>(t.device().index());
       r.contiguous = t.is_contiguous() ? 1 : 0;
       append(buf, &r, sizeof(r));
-      if (!r.contiguous) {
-        const int64_t dim = t.dim();
-        append(buf, &dim, sizeof(dim));
-        append(buf, t.sizes().data(), sizeof(int64_t) * dim);
-        append(buf, t.strides().data(), sizeof(int64_t) * dim);
-      }
+      if (!r.contiguous) append_layout(buf, t);
       if (i == 0) {
         first_type = r.device_type;
         first_index = r.device_index;
@@ -87,57 +122,53 @@ PyObject* py_fingerprint(PyObject* /*self*/, PyObject* arg) {
   return out;
 }
 
-// The .grad of plain tensors / nn.Parameters, read in C++ (~15 ns each, against ~70 ns for
-// Python's attribute access): the other per-tensor host cost of every clipping call.
-// Returns None (the caller's Python path) when an element is of any other type, e.g. a
-// tensor subclass whose .grad may be overridden through __torch_function__.
-PyObject* py_grads_of(PyObject* /*self*/, PyObject* arg) {
-  static PyTypeObject* tensor_type = nullptr;
-  static PyTypeObject* param_type = nullptr;
-  if (tensor_type == nullptr) {
-    PyObject* torch = PyImport_ImportModule("torch");
-    if (torch == nullptr) return nullptr;
-    PyObject* t = PyObject_GetAttrString(torch, "Tensor");
-    PyObject* nn = PyObject_GetAttrString(torch, "nn");
-    PyObject* prm = nn ? PyObject_GetAttrString(nn, "Parameter") : nullptr;
-    Py_XDECREF(nn);
-    Py_DECREF(torch);
-    if (t == nullptr || prm == nullptr) {
-      Py_XDECREF(t);
-      Py_XDECREF(prm);
-      return nullptr;
-    }
-    tensor_type = reinterpret_cast<PyTypeObject*>(t);  // kept for the process lifetime
-    param_type = reinterpret_cast<PyTypeObject*>(prm);
-  }
+PyObject* py_describe(PyObject* /*self*/, PyObject* arg) {
   if (!PyList_Check(arg)) {
-    PyErr_SetString(PyExc_TypeError, "gradstats._C.grads_of: expected a list");
+    PyErr_SetString(PyExc_TypeError, "gradstats._C.describe: expected a list of tensors");
     return nullptr;
   }
   const Py_ssize_t n = PyList_GET_SIZE(arg);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    PyTypeObject* tp = Py_TYPE(PyList_GET_ITEM(arg, i));
-    if (tp != tensor_type && tp != param_type) Py_RETURN_NONE;
-  }
-  PyObject* out = PyList_New(0);
-  if (out == nullptr) return nullptr;
+  std::string key;
+  std::string ptrs;
+  key.reserve(static_cast<size_t>(n) * sizeof(StructRecord));
+  ptrs.reserve(static_cast<size_t>(n) * sizeof(int64_t));
+  bool same_device = true;
+  int first_type = -1, first_index = -1;
   try {
     for (Py_ssize_t i = 0; i < n; ++i) {
-      const at::Tensor& p = THPVariable_Unpack(PyList_GET_ITEM(arg, i));
-      const at::Tensor& g = p.grad();
-      if (!g.defined()) continue;
-      PyObject* w = THPVariable_Wrap(g);
-      if (w == nullptr || PyList_Append(out, w) != 0) {
-        Py_XDECREF(w);
-        Py_DECREF(out);
-        return nullptr;
+      const at::Tensor* tp = plain_tensor(PyList_GET_ITEM(arg, i));
+      if (tp == nullptr) Py_RETURN_NONE;
+      const at::Tensor& t = *tp;
+      const int64_t ptr = reinterpret_cast<int64_t>(t.data_ptr());
+      StructRecord r;
+      std::memset(&r, 0, sizeof(r));
+      r.numel = t.numel();
+      r.dtype = static_cast<int8_t>(t.scalar_type());
+      r.device_type = static_cast<int8_t>(t.device().type());
+      r.device_index = static_cast<int16_t>(t.device().index());
+      r.contiguous = t.is_contiguous() ? 1 : 0;
+      r.align16 = static_cast<int8_t>(static_cast<uint64_t>(ptr) & 15u);
+      append(key, &r, sizeof(r));
+      if (!r.contiguous) append_layout(key, t);
+      append(ptrs, &ptr, sizeof(ptr));
+      if (i == 0) {
+        first_type = r.device_type;
+        first_index = r.device_index;
+      } else if (r.device_type != first_type || r.device_index != first_index) {
+        same_device = false;
       }
-      Py_DECREF(w);
     }
   } catch (const c10::Error&) {
-    Py_DECREF(out);
-    Py_RETURN_NONE;
+    Py_RETURN_NONE;  // e.g. a tensor whose data pointer cannot be read: the Python path
   }
+  PyObject* kb = PyBytes_FromStringAndSize(key.data(), static_cast<Py_ssize_t>(key.size()));
+  PyObject* pb = PyBytes_FromStringAndSize(ptrs.data(), static_cast<Py_ssize_t>(ptrs.size()));
+  PyObject* out = nullptr;
+  if (kb != nullptr && pb != nullptr) {
+    out = PyTuple_Pack(3, kb, pb, same_device ? Py_True : Py_False);
+  }
+  Py_XDECREF(kb);
+  Py_XDECREF(pb);
   return out;
 }
 
