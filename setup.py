@@ -264,9 +264,11 @@ def _extensions():
     return [ext], {"build_ext": BuildExt}
 
 
-try:
-    ext_modules, cmdclass = _extensions()
-except Exception as e:  # never fail the install because of the extension
-    _log(f"WARNING: skipping the native extension ({type(e).__name__}: {e})")
-    ext_modules, cmdclass = [], {}
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # `python setup.py ...` and pip's build backend both run it so;
+    # importing this file (tests/test_native_build.py) only defines the helpers above
+    try:
+        ext_modules, cmdclass = _extensions()
+    except Exception as e:  # never fail the install because of the extension
+        _log(f"WARNING: skipping the native extension ({type(e).__name__}: {e})")
+        ext_modules, cmdclass = [], {}
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)
