@@ -40,20 +40,23 @@ from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STATUS_FILE = "_ext_status.txt"
-# The CPU kernel objects: compiled with -fno-weak (every inline/template function they use
-# gets internal linkage: a private copy, never merged with another object's copy built for
-# another instruction set) and hidden visibility; the ISA builds add their -m flags (and
-# only they do).
-KERNEL_FLAGS = ["-fno-weak", "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+# The instruction-set builds of the CPU kernels: compiled with -fno-weak (every inline or
+# template function they use gets internal linkage: a private copy, never merged with
+# another object's copy compiled for another instruction set), hidden visibility, and their
+# -m flags (only these files get them). The baseline build (kernel_default.cpp) needs none
+# of this: its shared copies are baseline code like the host objects'. -w: under -fno-weak
+# GCC warns ("sorry: semantics of inline variable ...") for every constexpr inline
+# variable of the torch headers, hundreds of lines per file; the same source is compiled
+# with the ordinary warnings in the baseline build.
+KERNEL_FLAGS = ["-fno-weak", "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-w"]
 ISA_FLAGS = {
-    "kernel_default.cpp": KERNEL_FLAGS,
     "kernel_avx2.cpp": KERNEL_FLAGS + ["-mavx2", "-mfma", "-mf16c"],
     "kernel_avx512.cpp": KERNEL_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl",
                                          "-mavx512dq", "-mfma", "-mf16c"],
 }
 # Host sources, one job each (csrc/README.md).
 HOST_SOURCES = ["csrc/registration.cpp", "csrc/cpu_ops.cpp", "csrc/capability.cpp",
-                "csrc/module.cpp", "csrc/fingerprint.cpp", "csrc/params.cpp"]
+                "csrc/module.cpp", "csrc/tensor_lists.cpp"]
 
 
 def _log(msg):
@@ -116,6 +119,40 @@ def check_kernel_object(obj, source):
             "instruction-set builds must stay private to their object (-fno-weak).")
 
 
+def _compile_all(jobs, run):
+    """Runs the compile jobs: C++ sources in parallel threads (MAX_JOBS or one per CPU),
+    then CUDA sources one at a time. torch's per-source compile wrapper swaps the
+    compiler executable for nvcc while it compiles a .cu file, so a .cu job never runs
+    beside another job; for C++ jobs it only re-sets the same compiler, which is harmless
+    in parallel once its optional ccache prefix is off (TORCH_NO_COMPILER_WRAPPER)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cxx = [j for j in jobs if not j[1].endswith(".cu")]
+    cuda = [j for j in jobs if j[1].endswith(".cu")]
+    try:
+        workers = int(os.environ.get("MAX_JOBS") or 0) or (os.cpu_count() or 1)
+    except ValueError:
+        workers = os.cpu_count() or 1
+    workers = max(1, min(workers, len(cxx)))
+    if workers > 1:
+        saved = os.environ.get("TORCH_NO_COMPILER_WRAPPER")
+        os.environ["TORCH_NO_COMPILER_WRAPPER"] = "1"
+        try:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for fut in [pool.submit(run, j) for j in cxx]:
+                    fut.result()  # the first failure, in source order, is raised
+        finally:
+            if saved is None:
+                os.environ.pop("TORCH_NO_COMPILER_WRAPPER", None)
+            else:
+                os.environ["TORCH_NO_COMPILER_WRAPPER"] = saved
+    else:
+        for j in cxx:
+            run(j)
+    for j in cuda:
+        run(j)
+
+
 def _extensions():
     """(ext_modules, cmdclass) for setup(); empty when the extension is not wanted."""
     if os.environ.get("GRADSTATS_NO_EXT", "").strip() == "1":
@@ -141,7 +178,6 @@ def _extensions():
         else:  # without it the ISA builds could leak AVX code into shared inline functions
             _log("WARNING: the C++ compiler does not accept -fno-weak; building the "
                  "baseline CPU kernels only (no AVX2/AVX512 builds)")
-            ISA_FLAGS["kernel_default.cpp"] = []
     cxx = ["-O3"] if unix else ["/O2"]
     link = []
     sanitize = os.environ.get("GRADSTATS_SANITIZE", "").strip()
@@ -217,23 +253,36 @@ def _extensions():
                     self._record_failure(ext_, e)
 
         def build_extension(self, ext):
+            """Compiles the sources in parallel (per-source flags rule out ninja), then
+            links: distutils calls _compile once per source, which only queues the job;
+            the queue runs just before the link."""
             inner = self.compiler._compile
+            inner_link = self.compiler.link_shared_object
+            jobs = []
 
             def _compile(obj, src, ext_, cc_args, extra_postargs, pp_opts):
-                base = os.path.basename(src)
-                extra = ISA_FLAGS.get(base)
+                extra = ISA_FLAGS.get(os.path.basename(src))
                 if extra:
                     extra_postargs = copy.deepcopy(extra_postargs)
                     if isinstance(extra_postargs, dict):
                         extra_postargs["cxx"] = list(extra_postargs["cxx"]) + extra
                     else:
                         extra_postargs = list(extra_postargs) + extra
-                out = inner(obj, src, ext_, cc_args, extra_postargs, pp_opts)
-                if base in ISA_FLAGS and "-fno-weak" in ISA_FLAGS[base]:
-                    check_kernel_object(obj, src)
-                return out
+                jobs.append((obj, src, ext_, cc_args, extra_postargs, pp_opts))
+
+            def _run(job):
+                inner(*job)
+                if os.path.basename(job[1]) in ISA_FLAGS:
+                    check_kernel_object(job[0], job[1])
+
+            def _link(*args, **kwargs):
+                pending = list(jobs)
+                jobs.clear()
+                _compile_all(pending, _run)
+                return inner_link(*args, **kwargs)
 
             self.compiler._compile = _compile
+            self.compiler.link_shared_object = _link
             try:
                 try:
                     super().build_extension(ext)
@@ -255,6 +304,7 @@ def _extensions():
                 return
             finally:
                 self.compiler._compile = inner
+                self.compiler.link_shared_object = inner_link
             for _, status in self._places(ext):
                 try:
                     os.remove(status)

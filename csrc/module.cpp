@@ -4,8 +4,8 @@
 //   set_cpu_capability(name)            CPU kernel builds (capability.cpp)
 //   cuda_built(), cuda_plan_counters()  CUDA part (cuda/stats_cuda.cu)
 //   chunk_elems()                       elements per CPU chunk
-//   fingerprint(list), describe(list)   cache keys of tensor lists (fingerprint.cpp)
-//   grads_of(list), params_and_grads(list)  .grad of parameter lists (params.cpp)
+//   fingerprint(list), describe(list)   cache keys of tensor lists (tensor_lists.cpp)
+//   grads_of(list), params_and_grads(list)  .grad of parameter lists (tensor_lists.cpp)
 #include <Python.h>
 
 #include <stdexcept>

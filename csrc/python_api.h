@@ -6,9 +6,9 @@
 
 namespace gradstats {
 
-PyObject* py_fingerprint(PyObject* self, PyObject* arg);       // fingerprint.cpp
-PyObject* py_describe(PyObject* self, PyObject* arg);          // fingerprint.cpp
-PyObject* py_grads_of(PyObject* self, PyObject* arg);          // params.cpp
-PyObject* py_params_and_grads(PyObject* self, PyObject* arg);  // params.cpp
+PyObject* py_fingerprint(PyObject* self, PyObject* arg);       // tensor_lists.cpp
+PyObject* py_describe(PyObject* self, PyObject* arg);          // tensor_lists.cpp
+PyObject* py_grads_of(PyObject* self, PyObject* arg);          // tensor_lists.cpp
+PyObject* py_params_and_grads(PyObject* self, PyObject* arg);  // tensor_lists.cpp
 
 }  // namespace gradstats

@@ -65,7 +65,7 @@ def test_guard_accepts_the_kernel_flags(tmp_path):
     setup = _setup_module()
     obj, src = _compile(tmp_path, list(setup.KERNEL_FLAGS))
     setup.check_kernel_object(obj, src)  # no raise: widen() is private to the object
-    for name in ("kernel_default.cpp", "kernel_avx2.cpp", "kernel_avx512.cpp"):
+    for name in ("kernel_avx2.cpp", "kernel_avx512.cpp"):
         assert "-fno-weak" in setup.ISA_FLAGS[name]
 
 
@@ -78,6 +78,5 @@ def test_built_library_exports_no_kernel_code():
     out = subprocess.run(["nm", "-D", "--defined-only", lib], capture_output=True, text=True,
                          check=True).stdout
     # per-ISA namespaces of ours and of at::vec (mangled): nothing of them is exported
-    for marker in ("cap_default", "cap_avx2", "cap_avx512", "3vec4AVX2", "3vec6AVX512",
-                   "3vec7DEFAULT"):
+    for marker in ("cap_avx2", "cap_avx512", "3vec4AVX2", "3vec6AVX512"):
         assert marker not in out, marker

@@ -511,8 +511,14 @@ std::atomic<long long> g_plans_built{0}, g_plans_cached{0}, g_uploads{0},
 // thread to relaxed mode around them (cudaThreadExchangeStreamCaptureMode swaps modes).
 struct RelaxedCaptureMode {
   cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-  RelaxedCaptureMode() { C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode)); }
-  ~RelaxedCaptureMode() { (void)cudaThreadExchangeStreamCaptureMode(&mode); }
+  bool swapped = false;
+  RelaxedCaptureMode() {
+    swapped = cudaThreadExchangeStreamCaptureMode(&mode) == cudaSuccess;
+    if (!swapped) (void)cudaGetLastError();
+  }
+  ~RelaxedCaptureMode() {
+    if (swapped) (void)cudaThreadExchangeStreamCaptureMode(&mode);
+  }
 };
 
 char* pinned_alloc(size_t bytes) {
@@ -597,6 +603,7 @@ struct Plan {
   // before releasing the pinned memory they read.
   ~Plan() {
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    RelaxedCaptureMode relaxed;  // another thread may be capturing (global mode)
     cudaEvent_t* all[] = {&static_done, &switch_event};
     for (cudaEvent_t* e : all) {
       if (*e != nullptr) {
