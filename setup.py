@@ -184,7 +184,9 @@ def _extensions():
     if sanitize:
         if not unix:
             raise RuntimeError("GRADSTATS_SANITIZE needs gcc or clang")
-        cxx += ["-O1", "-g", f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"]
+        # -g1: line tables are all the sanitizer reports need, and compile ~2.5x faster
+        # than full debug info (python's own CFLAGS bring -g)
+        cxx += ["-O1", "-g1", f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"]
         link += [f"-fsanitize={sanitize}"]
     # at::parallel_for is inline: with torch's OpenMP backend the extension must be
     # compiled with OpenMP, or it runs single-threaded. At run time the libgomp torch
