@@ -13,28 +13,50 @@ A failed extension build never fails the install: a warning is printed, the reas
 written to ``gradstats/_ext_status.txt``, and ``import gradstats`` reports the native
 backend as unavailable with that reason.
 
+    GRADSTATS_SANITIZE        e.g. ``address,undefined``: compile and link with
+                              ``-fsanitize=...`` (``make asan``; build into a separate
+                              directory with ``--build-lib``/``--build-temp``: a sanitized
+                              build never touches the in-place library of the source tree).
+
 CPU kernels: ``csrc/cpu/stats_kernel.h`` is compiled three times, with the baseline flags,
-with AVX2/FMA/F16C and with AVX512 (x86-64 only), each into its own namespace; the
-extension picks the best one the running CPU supports (capped by torch's own
-``ATEN_CPU_CAPABILITY`` choice), so a build made here also runs on older x86-64 CPUs.
+with AVX2/FMA/F16C and with AVX512 (x86-64 only), each into its own namespace and with
+``-fno-weak``, so that no inline function compiled with one instruction set can be merged
+with another object's copy (see ``csrc/cpu/stats_kernel.h``); after compiling, each kernel
+object is checked to export nothing but its table getter. The extension picks the build at
+run time (``csrc/capability.cpp``): the best *verified* one the CPU supports, capped by
+torch's own ``ATEN_CPU_CAPABILITY`` choice; AVX512 only on request
+(``GRADSTATS_CPU_CAPABILITY=avx512``) until it has been verified on an AVX512 machine.
 """
 import copy
 import os
 import platform
 import shutil
+import subprocess
 import sys
+import tempfile
 import traceback
 
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STATUS_FILE = "_ext_status.txt"
-# Sources compiled with extra instruction-set flags (and only those sources).
+# The instruction-set builds of the CPU kernels: compiled with -fno-weak (every inline or
+# template function they use gets internal linkage: a private copy, never merged with
+# another object's copy compiled for another instruction set), hidden visibility, and their
+# -m flags (only these files get them). The baseline build (kernel_default.cpp) needs none
+# of this: its shared copies are baseline code like the host objects'. -w: under -fno-weak
+# GCC warns ("sorry: semantics of inline variable ...") for every constexpr inline
+# variable of the torch headers, hundreds of lines per file; the same source is compiled
+# with the ordinary warnings in the baseline build.
+KERNEL_FLAGS = ["-fno-weak", "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-w"]
 ISA_FLAGS = {
-    "kernel_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
-    "kernel_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
-                          "-mf16c"],
+    "kernel_avx2.cpp": KERNEL_FLAGS + ["-mavx2", "-mfma", "-mf16c"],
+    "kernel_avx512.cpp": KERNEL_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl",
+                                         "-mavx512dq", "-mfma", "-mf16c"],
 }
+# Host sources, one job each (csrc/README.md).
+HOST_SOURCES = ["csrc/registration.cpp", "csrc/cpu_ops.cpp", "csrc/capability.cpp",
+                "csrc/module.cpp", "csrc/tensor_lists.cpp", "csrc/decide/decide_cpu.cpp"]
 
 
 def _log(msg):
@@ -55,6 +77,82 @@ def _want_cuda(torch, cpp_extension):
     return have
 
 
+def _compiler_accepts(flag):
+    """Whether the C++ compiler setuptools will use accepts ``flag`` (compiles a stub)."""
+    cxx = os.environ.get("CXX") or "c++"
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "probe.cpp")
+        with open(src, "w") as f:
+            f.write("inline int f() { return 1; }\nint g() { return f(); }\n")
+        try:
+            res = subprocess.run([cxx, flag, "-c", src, "-o", os.path.join(d, "probe.o")],
+                                 capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return res.returncode == 0 and "unrecognized" not in res.stderr
+
+
+def check_kernel_object(obj, source):
+    """ODR guard: a CPU kernel object may export exactly one symbol, its table getter
+    (``gradstats::cpu::table_<cap>()``). Anything else with external linkage (a weak inline
+    function, a template instantiation) could be merged with the copy of another object
+    compiled for another instruction set. Raises RuntimeError naming the symbols."""
+    nm = shutil.which("nm")
+    if nm is None:
+        _log(f"nm not found: cannot check the exported symbols of {obj}")
+        return
+    out = subprocess.run([nm, "-g", "--defined-only", "-P", obj], capture_output=True,
+                         text=True, check=True).stdout
+    # (name, type) pairs. Common symbols ("C": zero-initialised data such as the empty
+    # std::ranges function objects of C++20, emitted so under -fno-weak) hold no code and no
+    # code pointers, so they cannot carry instructions of one build into another.
+    syms = [line.split()[:2] for line in out.splitlines() if line.strip()]
+    names = [n for n, t in syms if t != "C"]
+    tables = [n for n in names if "table_" in n]
+    # DW.ref.__gxx_personality_v0: the same pointer to libstdc++'s personality routine
+    # in every object, no code
+    bad = [n for n in names if "table_" not in n and n != "DW.ref.__gxx_personality_v0"]
+    if bad or len(tables) != 1:
+        raise RuntimeError(
+            f"ODR guard: {os.path.basename(source)} must export only its kernel table getter, "
+            f"but {obj} exports {bad[:10]} ({len(bad)} symbols). Inline functions of the "
+            "instruction-set builds must stay private to their object (-fno-weak).")
+
+
+def _compile_all(jobs, run):
+    """Runs the compile jobs: C++ sources in parallel threads (MAX_JOBS or one per CPU),
+    then CUDA sources one at a time. torch's per-source compile wrapper swaps the
+    compiler executable for nvcc while it compiles a .cu file, so a .cu job never runs
+    beside another job; for C++ jobs it only re-sets the same compiler, which is harmless
+    in parallel once its optional ccache prefix is off (TORCH_NO_COMPILER_WRAPPER)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cxx = [j for j in jobs if not j[1].endswith(".cu")]
+    cuda = [j for j in jobs if j[1].endswith(".cu")]
+    try:
+        workers = int(os.environ.get("MAX_JOBS") or 0) or (os.cpu_count() or 1)
+    except ValueError:
+        workers = os.cpu_count() or 1
+    workers = max(1, min(workers, len(cxx)))
+    if workers > 1:
+        saved = os.environ.get("TORCH_NO_COMPILER_WRAPPER")
+        os.environ["TORCH_NO_COMPILER_WRAPPER"] = "1"
+        try:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for fut in [pool.submit(run, j) for j in cxx]:
+                    fut.result()  # the first failure, in source order, is raised
+        finally:
+            if saved is None:
+                os.environ.pop("TORCH_NO_COMPILER_WRAPPER", None)
+            else:
+                os.environ["TORCH_NO_COMPILER_WRAPPER"] = saved
+    else:
+        for j in cxx:
+            run(j)
+    for j in cuda:
+        run(j)
+
+
 def _extensions():
     """(ext_modules, cmdclass) for setup(); empty when the extension is not wanted."""
     if os.environ.get("GRADSTATS_NO_EXT", "").strip() == "1":
@@ -71,14 +169,25 @@ def _extensions():
 
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
     unix = os.name == "posix"
-    sources = ["csrc/ops.cpp", "csrc/fingerprint.cpp", "csrc/decide/decide_cpu.cpp",
-               "csrc/cpu/kernel_default.cpp"]  # default build links first
+    sources = HOST_SOURCES + ["csrc/cpu/kernel_default.cpp"]
     macros = []
     if x86 and unix:
-        sources += ["csrc/cpu/kernel_avx2.cpp", "csrc/cpu/kernel_avx512.cpp"]
-        macros += [("GRADSTATS_HAVE_AVX2", "1"), ("GRADSTATS_HAVE_AVX512", "1")]
+        if _compiler_accepts("-fno-weak"):
+            sources += ["csrc/cpu/kernel_avx2.cpp", "csrc/cpu/kernel_avx512.cpp"]
+            macros += [("GRADSTATS_HAVE_AVX2", "1"), ("GRADSTATS_HAVE_AVX512", "1")]
+        else:  # without it the ISA builds could leak AVX code into shared inline functions
+            _log("WARNING: the C++ compiler does not accept -fno-weak; building the "
+                 "baseline CPU kernels only (no AVX2/AVX512 builds)")
     cxx = ["-O3"] if unix else ["/O2"]
     link = []
+    sanitize = os.environ.get("GRADSTATS_SANITIZE", "").strip()
+    if sanitize:
+        if not unix:
+            raise RuntimeError("GRADSTATS_SANITIZE needs gcc or clang")
+        # -g1: line tables are all the sanitizer reports need, and compile ~2.5x faster
+        # than full debug info (python's own CFLAGS bring -g)
+        cxx += ["-O1", "-g1", f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"]
+        link += [f"-fsanitize={sanitize}"]
     # at::parallel_for is inline: with torch's OpenMP backend the extension must be
     # compiled with OpenMP, or it runs single-threaded. At run time the libgomp torch
     # already loaded (same soname) serves it.
@@ -118,7 +227,8 @@ def _extensions():
             built = self.get_ext_fullpath(ext.name)
             src_pkg = os.path.join(HERE, *ext.name.split(".")[:-1])
             out = [(built, os.path.join(os.path.dirname(built), STATUS_FILE))]
-            if os.path.isdir(src_pkg):
+            sanitized = bool(os.environ.get("GRADSTATS_SANITIZE", "").strip())
+            if os.path.isdir(src_pkg) and not sanitized:
                 out.append((os.path.join(src_pkg, os.path.basename(built)),
                             os.path.join(src_pkg, STATUS_FILE)))
             return out
@@ -145,7 +255,12 @@ def _extensions():
                     self._record_failure(ext_, e)
 
         def build_extension(self, ext):
+            """Compiles the sources in parallel (per-source flags rule out ninja), then
+            links: distutils calls _compile once per source, which only queues the job;
+            the queue runs just before the link."""
             inner = self.compiler._compile
+            inner_link = self.compiler.link_shared_object
+            jobs = []
 
             def _compile(obj, src, ext_, cc_args, extra_postargs, pp_opts):
                 extra = ISA_FLAGS.get(os.path.basename(src))
@@ -155,9 +270,21 @@ def _extensions():
                         extra_postargs["cxx"] = list(extra_postargs["cxx"]) + extra
                     else:
                         extra_postargs = list(extra_postargs) + extra
-                return inner(obj, src, ext_, cc_args, extra_postargs, pp_opts)
+                jobs.append((obj, src, ext_, cc_args, extra_postargs, pp_opts))
+
+            def _run(job):
+                inner(*job)
+                if os.path.basename(job[1]) in ISA_FLAGS:
+                    check_kernel_object(job[0], job[1])
+
+            def _link(*args, **kwargs):
+                pending = list(jobs)
+                jobs.clear()
+                _compile_all(pending, _run)
+                return inner_link(*args, **kwargs)
 
             self.compiler._compile = _compile
+            self.compiler.link_shared_object = _link
             try:
                 try:
                     super().build_extension(ext)
@@ -179,6 +306,7 @@ def _extensions():
                 return
             finally:
                 self.compiler._compile = inner
+                self.compiler.link_shared_object = inner_link
             for _, status in self._places(ext):
                 try:
                     os.remove(status)
@@ -188,9 +316,11 @@ def _extensions():
     return [ext], {"build_ext": BuildExt}
 
 
-try:
-    ext_modules, cmdclass = _extensions()
-except Exception as e:  # never fail the install because of the extension
-    _log(f"WARNING: skipping the native extension ({type(e).__name__}: {e})")
-    ext_modules, cmdclass = [], {}
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # `python setup.py ...` and pip's build backend both run it so;
+    # importing this file (tests/test_native_build.py) only defines the helpers above
+    try:
+        ext_modules, cmdclass = _extensions()
+    except Exception as e:  # never fail the install because of the extension
+        _log(f"WARNING: skipping the native extension ({type(e).__name__}: {e})")
+        ext_modules, cmdclass = [], {}
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

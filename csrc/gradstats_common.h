@@ -13,6 +13,30 @@ namespace gradstats {
 // Elements per chunk. Fixed: changing it changes the rounding of the float32 partials.
 constexpr int64_t kChunk = 65536;
 
+// Range guard of the float32 fast path (CPU and CUDA kernels alike).
+//
+// The fast path sums |x|**p of a chunk in float32. With nonnegative terms every partial sum
+// is <= the chunk's final sum S, so a finite S means nothing overflowed on the way. What
+// float32 cannot represent well is the bottom of its range: below 2^-126 a product or sum
+// is rounded to a multiple of 2^-149 (subnormals) or flushed to 0, an absolute error of at
+// most 2^-150 per rounding, one rounding per element (fused multiply-add) plus one per
+// addition. Over at most 2^16 elements that is < 2^-133 in all; relative to a chunk sum
+// S >= 2^-100 it is < 2^-33 (1e-10), far below the 1e-5 the ops promise. So:
+//
+//   S finite and (S >= kMinFastSum or max_abs == 0)  -> the float32 result stands;
+//   otherwise                                          -> the chunk is recomputed exactly
+//                                                         in double (slow path).
+//
+// For p = 2 the bound is met whenever max_abs >= 2^-50 (S >= max_abs^2); at the top, a
+// finite S is the whole condition (float32 keeps its 24-bit relative precision up to its
+// largest finite value; an overflow anywhere makes S infinite). Double holds every
+// |x|**p of a finite float32 x for the p the tests use (1, 2, 3, 0.5: 1e-45**3 = 3e-135,
+// 3.4e38**3 = 4e115), and every chunk, tensor, group and total partial is double on both
+// CPU and CUDA. Real gradients almost never take the slow path (a chunk whose max_abs is
+// above 2^-50 = 9e-16 and whose sum does not overflow stays on the fast path), so the guard
+// costs one compare per chunk.
+constexpr double kMinFastSum = 7.888609052210118e-31;  // 2^-100
+
 // Element type codes used in the chunk tables (kept independent of c10 for the kernels).
 enum DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
@@ -44,7 +68,9 @@ struct ChunkPartial {
 namespace cpu {
 
 // Kernels compiled once per CPU capability (default, AVX2, AVX512), each in its own
-// namespace; the host code picks one table at run time.
+// namespace and with -fno-weak (see setup.py, ISA_FLAGS): the only symbol an ISA object
+// exports is its table getter below; the host code (capability.cpp) picks one table at
+// run time.
 struct KernelTable {
   const char* name;
   // Statistics of chunks[0..count) into out[0..count).

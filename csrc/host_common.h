@@ -1,4 +1,4 @@
-// Host-side helpers shared by the CPU ops (ops.cpp) and the CUDA host code
+// Host-side helpers shared by the CPU ops (cpu_ops.cpp) and the CUDA host code
 // (cuda/stats_cuda.cu): argument checks and codes. Compiled with the ordinary flags only;
 // the ISA-specific kernel files include gradstats_common.h, never this header.
 #pragma once

@@ -1,7 +1,9 @@
 """Native backend (csrc/ ops, CPU kernels) against the reference spec.
 
-Every case runs once per CPU kernel build this machine supports (AVX512, AVX2, DEFAULT),
-selected through ``gradstats._C.set_cpu_capability``.
+Every case runs once per CPU kernel build compiled in (AVX512, AVX2, DEFAULT), selected
+through ``gradstats._C.set_cpu_capability``; a build is skipped, with the reason, when this
+CPU does not run it or when it is opt-in (AVX512 until verified: run
+``GRADSTATS_CPU_CAPABILITY=avx512 pytest tests/test_native.py`` on an AVX512 machine).
 """
 import math
 import os
@@ -27,8 +29,17 @@ TOL = 1e-5
 INF, NAN = math.inf, math.nan
 
 
-@pytest.fixture(params=_C.cpu_capabilities())
+_VARIANTS = {name: (cpu, enabled) for name, cpu, _verified, enabled in _C.cpu_variants()}
+
+
+@pytest.fixture(params=list(_VARIANTS))
 def cap(request):
+    cpu, enabled = _VARIANTS[request.param]
+    if not cpu:
+        pytest.skip(f"this CPU does not run the {request.param} kernels")
+    if not enabled:
+        pytest.skip(f"{request.param} kernels are opt-in until verified: set "
+                    f"GRADSTATS_CPU_CAPABILITY={request.param.lower()} to run them")
     prev = _C.set_cpu_capability(request.param)
     yield request.param
     _C.set_cpu_capability(prev)
@@ -354,20 +365,83 @@ def test_describe_and_module():
     assert _C.cpu_capability() in line
     assert _C.chunk_elems() == 65536
     assert _C.cpu_capabilities()[-1] == "DEFAULT"
+    assert [v[0] for v in _C.cpu_variants()][-1] == "DEFAULT"
     with pytest.raises(ValueError):
         _C.set_cpu_capability("NOPE")
+    if "AVX512" in _VARIANTS and not _VARIANTS["AVX512"][1]:
+        assert "AVX512 built, opt-in until verified" in line
+        with pytest.raises(ValueError, match="opt-in|not supported by this CPU"):
+            _C.set_cpu_capability("AVX512")
+
+
+def _child(code, **env):
+    """Run ``code`` in a fresh interpreter (the CPU build is chosen once per process)."""
+    import subprocess
+    import sys
+    full = dict(os.environ)
+    full.pop("GRADSTATS_CPU_CAPABILITY", None)
+    full.update(env)
+    return subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], env=full,
+                          capture_output=True, text=True, timeout=300)
+
+
+_WHICH = ("import torch, gradstats.backends.native as n; c = n.extension(); "
+          "print(c.cpu_capability()); print(c.cpu_capabilities()); "
+          "print(c.cpu_capability_summary())")
 
 
 def test_env_caps_capability():
-    # GRADSTATS_CPU_CAPABILITY is read once per process: check it in a subprocess.
-    import subprocess
-    import sys
-    code = ("import torch, gradstats.backends.native as n; "
-            "print(n.extension().cpu_capability())")
-    env = dict(os.environ, GRADSTATS_CPU_CAPABILITY="default")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, timeout=120)
-    assert out.stdout.strip() == "DEFAULT", out.stderr
+    out = _child(_WHICH, GRADSTATS_CPU_CAPABILITY="default")
+    assert out.stdout.splitlines()[0] == "DEFAULT", out.stderr
+
+
+def test_avx512_is_opt_in():
+    """A kernel build that no machine of ours has run is not dispatched by default."""
+    out = _child(_WHICH)
+    assert out.returncode == 0, out.stderr
+    chosen, usable, summary = out.stdout.splitlines()
+    assert chosen != "AVX512" and "AVX512" not in usable
+    if "AVX512" in _VARIANTS:
+        assert "AVX512 built, opt-in until verified (GRADSTATS_CPU_CAPABILITY=avx512" in summary
+    opted = _child(_WHICH, GRADSTATS_CPU_CAPABILITY="avx512")
+    assert opted.returncode == 0, opted.stderr
+    chosen, usable, summary = opted.stdout.splitlines()
+    if _VARIANTS.get("AVX512", (False,))[0]:  # this CPU runs AVX512: used on request
+        assert chosen == "AVX512" and "opt-in, not yet verified" in summary
+    else:
+        assert chosen != "AVX512"
+
+
+def test_op_errors_raise_cleanly_in_every_build():
+    """Argument errors of the ops (C++ exceptions through the dispatcher) become
+    RuntimeError in every enabled CPU build, checked in a child process so that a crash
+    is reported here with its output instead of killing the test run (the first AVX512
+    host died with SIGSEGV at such a call, tests/test_native.py::
+    test_scale_per_group_and_untouched)."""
+    code = """
+import torch, gradstats.backends.native as n
+C = n.extension(); O = torch.ops.gradstats
+for cap in C.cpu_capabilities():
+    C.set_cpu_capability(cap)
+    ts = [torch.randn(5000).bfloat16() for _ in range(5)]
+    O.scale_(ts, [0, 2, 3, 4, 5], torch.tensor([1.0, 0.5, 2.0, float("inf")]))
+    calls = [lambda: O.scale_(ts, [0, 2, 5], torch.ones(3)),
+             lambda: O.stats([torch.zeros(3, dtype=torch.float64)], [0, 1], 2.0, None),
+             lambda: O.stats([torch.zeros(3)], [0, 2], 2.0, None),
+             lambda: O.stats([torch.zeros(3)], [0, 1], 0.0, None)]
+    for f in calls:
+        try:
+            f()
+        except RuntimeError:
+            pass
+        else:
+            raise SystemExit("no error raised")
+    print(cap, "ok")
+"""
+    out = _child(code, **({"GRADSTATS_CPU_CAPABILITY": os.environ["GRADSTATS_CPU_CAPABILITY"]}
+                          if os.environ.get("GRADSTATS_CPU_CAPABILITY") else {}))
+    assert out.returncode == 0, (out.returncode, out.stdout, out.stderr[-3000:])
+    assert out.stdout.split().count("ok") == len(_C.cpu_capabilities())
 
 
 # ----------------------------------------------------------------------- CUDA source
@@ -401,5 +475,47 @@ def test_cuda_source_compiles_to_sm90_ptx(tmp_path):
     ptx = out.read_text()
     stats = ptx[ptx.index("stats_kernel"):ptx.index("finalize_kernel")]
     assert "ld.global.cs.v4.u32" in stats  # 16-byte streaming loads
+    assert "f64" in stats  # the exact (double) path of the range guard
     scale = ptx[ptx.rindex(".entry", 0, ptx.index("scale_kernelEPK")):]
     assert "ld.v4" in scale and "st.v4" in scale  # 16-byte loads and stores
+    # and the host code (plans, pointer ring, capture handling) compiles too
+    obj = tmp_path / "stats_cuda.o"
+    host = [c for c in cmd if c not in ("-ptx",)]
+    host[host.index("-o") + 1] = str(obj)
+    host[host.index("-arch=compute_90")] = "-gencode=arch=compute_90,code=compute_90"
+    host += ["-c", "-Xcompiler", "-fPIC", "-DGRADSTATS_WITH_CUDA=1",
+             "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C"]
+    res = subprocess.run(host, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    syms = subprocess.run(["nm", "-C", str(obj)], capture_output=True, text=True).stdout
+    assert "gradstats::cuda::stats(" in syms and "gradstats::cuda::scale_(" in syms
+
+
+@pytest.mark.slow
+def test_cuda_decide_source_compiles(tmp_path):
+    """The CUDA decide op (csrc/cuda/decide_cuda.cu, with the program of
+    csrc/decide/program.h compiled for the device) builds to an sm_90 object."""
+    import shutil
+    import subprocess
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    if not os.path.exists(nvcc):
+        pytest.skip("nvcc not found")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = os.path.join(root, "csrc", "cuda", "decide_cuda.cu")
+    obj = tmp_path / "decide_cuda.o"
+    cmd = [nvcc, "-std=c++20", "-O3", "-gencode=arch=compute_90,code=compute_90", "-c", src,
+           "-o", str(obj), "--expt-relaxed-constexpr", "-D_GLIBCXX_USE_CXX11_ABI=1",
+           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+           "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+           "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-I" + sysconfig.get_paths()["include"],
+           "-Xcompiler", "-fPIC", "-DGRADSTATS_WITH_CUDA=1", "-DTORCH_API_INCLUDE_EXTENSION_H",
+           "-DTORCH_EXTENSION_NAME=_C"]
+    cmd += ["-I" + p for p in cpp_extension.include_paths()]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    syms = subprocess.run(["nm", "-C", str(obj)], capture_output=True, text=True).stdout
+    assert "gradstats::decide::decide_cuda(" in syms

@@ -3,8 +3,23 @@
 // defines GRADSTATS_CAP (namespace name) and GRADSTATS_TABLE_FN (table getter name).
 //
 // Only at::vec and c10 scalar types are used here: no Tensor, no dispatcher, no threads.
-// The host code (ops.cpp) cuts the tensors into chunks and runs these functions on ranges
-// of chunks from at::parallel_for.
+// The host code (cpu_ops.cpp) cuts the tensors into chunks and runs these functions on
+// ranges of chunks from at::parallel_for.
+//
+// One definition rule and instruction sets. Each including file is compiled with its own
+// -m flags. Everything defined here lives in gradstats::cpu::<cap>::(anonymous), and at::vec
+// puts its types in at::vec::<CPU_CAPABILITY>, so those never collide. But the inline
+// functions of the torch/c10/std headers (c10::BFloat16 and c10::Half conversions,
+// std::pow, ...) have the same names in every object file; normally each object emits them
+// as weak (COMDAT) copies and the linker keeps ONE copy for the whole library, whichever
+// object comes first on the link line. setuptools sorts the sources, so the link line is
+// cpu/kernel_avx2.o, cpu/kernel_avx512.o, cpu/kernel_default.o, ...: an AVX2- or AVX512-
+// compiled copy could serve the baseline kernels and the host code (SIGILL on an older CPU),
+// or a baseline copy the AVX512 kernels. setup.py therefore compiles these files with
+// -fno-weak: every such function is emitted with internal linkage, a private copy per ISA
+// object, and nothing is merged. setup.py also checks, after compiling, that the object
+// exports no symbol but its table getter (GRADSTATS_TABLE_FN), and fails the build if it
+// does.
 //
 // Bytes moved: the statistics read every element once; the scale pass reads and writes
 // every element of the tensors it is asked to scale once.
@@ -86,11 +101,24 @@ static inline void step(const Vec& v, Vec& acc, Vec& mx) {
   }
 }
 
-// Exact per-element pass, used for chunks that hold NaN/Inf (or whose float32 sum
-// overflowed) and for general p: counts NaN and Inf, leaves them out of acc and max,
-// accumulates in double.
+// |x|**p for general p: float pow where its result is a normal float32 (full relative
+// precision), double pow where it would underflow (1e-30**3) or overflow (1e20**3).
+// Double pow everywhere would double the time of this path.
+static inline double pow_abs(float a, float p, double pd) {
+  const float r = std::pow(a, p);
+  if (r >= std::numeric_limits<float>::min() && r <= std::numeric_limits<float>::max()) {
+    return static_cast<double>(r);
+  }
+  return a == 0.0f ? static_cast<double>(r) : std::pow(static_cast<double>(a), pd);
+}
+
+// Exact per-element pass, used for chunks that hold NaN/Inf, whose float32 sum overflowed
+// or fell below kMinFastSum (gradstats_common.h), and for general p: counts NaN and Inf,
+// leaves them out of acc and max, accumulates |x|**p in double (pow_abs: never under- or
+// overflowing for finite x).
 template <typename T>
 static void slow_chunk(const T* x, int64_t n, int32_t mode, float p, ChunkPartial& out) {
+  const double pd = static_cast<double>(p);
   double s = 0.0;
   float m = 0.0f;
   int64_t n_nan = 0, n_inf = 0;
@@ -111,7 +139,7 @@ static void slow_chunk(const T* x, int64_t n, int32_t mode, float p, ChunkPartia
     } else if (mode == kModeL1) {
       s += static_cast<double>(a);
     } else if (mode == kModeP) {
-      s += static_cast<double>(std::pow(a, p));
+      s += pow_abs(a, p, pd);
     }
   }
   out.acc = (mode == kModeInf) ? static_cast<double>(m) : s;
@@ -178,7 +206,9 @@ static void fast_chunk(const T* x, int64_t n, float p, ChunkPartial& out) {
   }
   const bool finite = (MODE == kModeInf) ? (!nan_max && std::isfinite(m))
                                          : (std::isfinite(s) && !nan_max && std::isfinite(m));
-  if (!finite) {
+  // range guard (gradstats_common.h): a tiny nonzero sum lost precision in float32
+  const bool tiny = (MODE != kModeInf) && s < kMinFastSum && m > 0.0f;
+  if (!finite || tiny) {
     slow_chunk<T>(x, n, MODE, p, out);
     return;
   }
@@ -265,7 +295,8 @@ static void fast_chunk_plain(const T* x, int64_t n, float p, ChunkPartial& out) 
     nan_max |= std::isnan(cmax[l]);
     mx = std::max(mx, static_cast<float>(cmax[l]));
   }
-  if (!std::isfinite(s) || nan_max || !std::isfinite(mx)) {
+  const bool tiny = (MODE != kModeInf) && s < kMinFastSum && mx > 0.0f;  // range guard
+  if (!std::isfinite(s) || nan_max || !std::isfinite(mx) || tiny) {
     slow_chunk<T>(x, n, MODE, p, out);
     return;
   }

@@ -7,14 +7,14 @@
 #include <optional>
 
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include "../decide/decide_op.h"
+#include "../ops.h"
 
 namespace gradstats {
 namespace decide {
@@ -33,6 +33,8 @@ template <typename T>
 const T* opt_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<T>() : nullptr;
 }
+
+}  // namespace
 
 DecideOut decide_cuda(const at::Tensor& norm, const at::Tensor& total, const at::Tensor& max_abs,
                       const std::optional<at::Tensor>& loss,
@@ -64,7 +66,7 @@ DecideOut decide_cuda(const at::Tensor& norm, const at::Tensor& total, const at:
   Program p{table.const_data_ptr<int32_t>(), params.const_data_ptr<float>(),
             fstate.mutable_data_ptr<float>(), istate.mutable_data_ptr<int64_t>(),
             coef + (m.G > 0 ? m.G : 1)};
-  const auto stream = at::cuda::getCurrentCUDAStream(norm.device().index());
+  const auto stream = c10::cuda::getCurrentCUDAStream(norm.device().index());
   decide_kernel<<<1, 1, 0, stream>>>(in, p, m.layout, outf.mutable_data_ptr<float>(),
                                      outi.mutable_data_ptr<int64_t>(),
                                      gs.mutable_data_ptr<float>(), fi.mutable_data_ptr<float>(),
@@ -73,8 +75,5 @@ DecideOut decide_cuda(const at::Tensor& norm, const at::Tensor& total, const at:
   return {outf, outi, gs, fi};
 }
 
-}  // namespace
 }  // namespace decide
 }  // namespace gradstats
-
-TORCH_LIBRARY_IMPL(gradstats, CUDA, m) { m.impl("decide", &gradstats::decide::decide_cuda); }

@@ -1,12 +1,16 @@
 // CUDA implementations of torch.ops.gradstats.stats and torch.ops.gradstats.scale_
-// (schemas and semantics: csrc/ops.cpp). Built only when torch has CUDA and nvcc is
-// found (setup.py); registered for the CUDA dispatch key.
+// (schemas and semantics: csrc/registration.cpp, which registers them for the CUDA
+// dispatch key). Built only when torch has CUDA and nvcc is found (setup.py).
 //
 // Layout of one call:
-//   metadata (device memory, uploaded once per distinct gradient set and cached):
-//     TensorMeta[T]   pointer, numel, dtype, group of each tensor
+//   plan (device memory, cached by the STRUCTURE of the gradient set: per tensor numel,
+//   dtype and group, plus device and group bounds; never by address):
+//     TensorInfo[T]   numel, dtype, group of each tensor           uploaded once per plan
 //     int64 cb[T+1]   first chunk of each tensor (prefix sums of ceil(numel / kCudaChunk))
 //     int64 gb[G+1]   group bounds (tensor ranges)
+//     int64 ptrs[T]   data pointer of each tensor: rewritten by an async host->device copy
+//                     whenever the gradients moved (8 bytes per tensor; skipped when the
+//                     pointers equal the last ones uploaded)
 //   stats_kernel      grid = C chunks (all dtypes in one launch, block-uniform switch);
 //                     each block reads its chunk once with 16-byte loads and writes one
 //                     fixed slot (ChunkSlot). Bytes moved: one read of every gradient.
@@ -17,13 +21,17 @@
 //   scale_kernel      grid-stride over chunks; reads the coefficient of the chunk's group
 //                     and returns at once when it is >= 1 (no pass over the gradients).
 //
-// No host synchronisation: metadata goes up with an async copy from pinned memory.
+// No host synchronisation on the hot path: pointer uploads go through a ring of pinned
+// buffers guarded by CUDA events (cudaEventQuery; a blocking wait only when every slot
+// still has a copy in flight). See PointerRing and Plan::table_for below, including what
+// happens while a CUDA graph is being captured.
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -39,10 +47,11 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include "../gradstats_common.h"
 #include "../host_common.h"
+#include "../ops.h"
+#include "plan_counters.h"
 
 namespace gradstats {
 namespace cuda {
@@ -59,14 +68,17 @@ constexpr int kUnroll = 4;                    // 16-byte loads in flight per thr
 // sets still make many waves of blocks (less tail idle time); still 8 x 16-byte loads
 // per thread per chunk for fp32.
 constexpr int64_t kCudaChunk = 32768;
+static_assert(kCudaChunk <= kChunk, "the range guard (gradstats_common.h) assumes <= 2^16");
+// kMinFastSum as a float for device code (2^-100 is a normal float32, exact).
+constexpr float kMinFastSumF = 7.888609052210118e-31f;
+static_assert(static_cast<double>(kMinFastSumF) == kMinFastSum, "2^-100 must be exact");
 
-struct TensorMeta {
-  const void* ptr;
+struct TensorInfo {
   int64_t numel;
   int32_t dtype;   // DType
   int32_t group;   // group index
 };
-static_assert(sizeof(TensorMeta) == 24, "TensorMeta layout");
+static_assert(sizeof(TensorInfo) == 16, "TensorInfo layout");
 
 struct ChunkSlot {
   double acc;      // sum |x|^p of finite elements (max |x| for p = inf)
@@ -180,13 +192,12 @@ __device__ void exact_chunk(const void* base, int32_t dtype, int64_t n, int32_t 
 }
 
 template <int MODE>
-__device__ void chunk_stats(const TensorMeta& tm, int64_t start, int64_t n, float p,
-                            ChunkSlot& slot, double* smem_d, float* smem_f,
+__device__ void chunk_stats(const void* tensor_base, int32_t dtype, int64_t start, int64_t n,
+                            float p, ChunkSlot& slot, double* smem_d, float* smem_f,
                             int32_t* smem_i) {
   float acc = 0.0f, mx = 0.0f;
-  const int32_t dtype = tm.dtype;
   const int esize = dtype == kF32 ? 4 : 2;
-  const char* base = static_cast<const char*>(tm.ptr) + start * esize;
+  const char* base = static_cast<const char*>(tensor_base) + start * esize;
   const bool aligned = (reinterpret_cast<uintptr_t>(base) & 15u) == 0;
   int64_t done = 0;  // elements handled by the vector loop
   if (aligned) {
@@ -235,8 +246,11 @@ __device__ void chunk_stats(const TensorMeta& tm, int64_t start, int64_t n, floa
   }
   acc = block_reduce(acc, AddF(), smem_f);
   mx = block_reduce(mx, MaxF(), smem_f);
-  // block-uniform decision: NaN/Inf seen (or the float sum overflowed) -> exact pass
-  if (!isfinite(acc) || !isfinite(mx)) {
+  // Block-uniform decision: NaN/Inf seen, the float sum overflowed, or a nonzero sum fell
+  // below kMinFastSum where float32 loses relative precision (range guard,
+  // gradstats_common.h) -> exact pass in double.
+  const bool tiny = (MODE != kModeInf) && acc < kMinFastSumF && mx > 0.0f;
+  if (!isfinite(acc) || !isfinite(mx) || tiny) {
     exact_chunk(base, dtype, n, MODE, p, slot, smem_d, smem_f, smem_i);
     return;
   }
@@ -250,22 +264,32 @@ __device__ void chunk_stats(const TensorMeta& tm, int64_t start, int64_t n, floa
 }
 
 __global__ void __launch_bounds__(kThreads)
-stats_kernel(const TensorMeta* __restrict__ tmeta, const int64_t* __restrict__ cb, int64_t T,
-             int32_t mode, float p, ChunkSlot* __restrict__ slots) {
+stats_kernel(const int64_t* __restrict__ ptrs, const TensorInfo* __restrict__ info,
+             const int64_t* __restrict__ cb, int64_t T, int32_t mode, float p,
+             ChunkSlot* __restrict__ slots) {
   __shared__ double smem_d[kWarps];
   __shared__ float smem_f[kWarps];
   __shared__ int32_t smem_i[kWarps];
   const int64_t chunk = blockIdx.x;
   const int64_t t = find_tensor(cb, T, chunk);
-  const TensorMeta tm = tmeta[t];
+  const TensorInfo ti = info[t];
+  const void* base = reinterpret_cast<const void*>(ptrs[t]);
   const int64_t start = (chunk - cb[t]) * kCudaChunk;
-  const int64_t n = min(kCudaChunk, tm.numel - start);
+  const int64_t n = min(kCudaChunk, ti.numel - start);
   ChunkSlot& slot = slots[chunk];
   switch (mode) {
-    case kModeL2: chunk_stats<kModeL2>(tm, start, n, p, slot, smem_d, smem_f, smem_i); break;
-    case kModeL1: chunk_stats<kModeL1>(tm, start, n, p, slot, smem_d, smem_f, smem_i); break;
-    case kModeInf: chunk_stats<kModeInf>(tm, start, n, p, slot, smem_d, smem_f, smem_i); break;
-    default: chunk_stats<kModeP>(tm, start, n, p, slot, smem_d, smem_f, smem_i); break;
+    case kModeL2:
+      chunk_stats<kModeL2>(base, ti.dtype, start, n, p, slot, smem_d, smem_f, smem_i);
+      break;
+    case kModeL1:
+      chunk_stats<kModeL1>(base, ti.dtype, start, n, p, slot, smem_d, smem_f, smem_i);
+      break;
+    case kModeInf:
+      chunk_stats<kModeInf>(base, ti.dtype, start, n, p, slot, smem_d, smem_f, smem_i);
+      break;
+    default:
+      chunk_stats<kModeP>(base, ti.dtype, start, n, p, slot, smem_d, smem_f, smem_i);
+      break;
   }
 }
 
@@ -439,23 +463,24 @@ __device__ void scale_chunk(T* x, int64_t n, float c) {
 }
 
 __global__ void __launch_bounds__(kThreads)
-scale_kernel(const TensorMeta* __restrict__ tmeta, const int64_t* __restrict__ cb, int64_t T,
-             int64_t C, const float* __restrict__ coef, int32_t coef_per_group) {
+scale_kernel(const int64_t* __restrict__ ptrs, const TensorInfo* __restrict__ info,
+             const int64_t* __restrict__ cb, int64_t T, int64_t C,
+             const float* __restrict__ coef, int32_t coef_per_group) {
   if (!coef_per_group && !(coef[0] < 1.0f) && !isnan(coef[0])) return;  // early exit
   for (int64_t chunk = blockIdx.x; chunk < C; chunk += gridDim.x) {
     const int64_t t = find_tensor(cb, T, chunk);
-    const TensorMeta tm = tmeta[t];
-    const float c = coef[coef_per_group ? tm.group : 0];
+    const TensorInfo ti = info[t];
+    const float c = coef[coef_per_group ? ti.group : 0];
     if (c >= 1.0f) continue;  // clamp(max=1): not clipped, not touched (NaN scales)
     const int64_t start = (chunk - cb[t]) * kCudaChunk;
-    const int64_t n = min(kCudaChunk, tm.numel - start);
-    if (tm.dtype == kF32) {
-      scale_chunk(const_cast<float*>(static_cast<const float*>(tm.ptr)) + start, n, c);
-    } else if (tm.dtype == kBF16) {
-      scale_chunk(const_cast<__nv_bfloat16*>(static_cast<const __nv_bfloat16*>(tm.ptr)) +
-                      start, n, c);
+    const int64_t n = min(kCudaChunk, ti.numel - start);
+    void* base = reinterpret_cast<void*>(ptrs[t]);
+    if (ti.dtype == kF32) {
+      scale_chunk(static_cast<float*>(base) + start, n, c);
+    } else if (ti.dtype == kBF16) {
+      scale_chunk(static_cast<__nv_bfloat16*>(base) + start, n, c);
     } else {
-      scale_chunk(const_cast<__half*>(static_cast<const __half*>(tm.ptr)) + start, n, c);
+      scale_chunk(static_cast<__half*>(base) + start, n, c);
     }
   }
 }
@@ -478,96 +503,335 @@ int sm_count(int device) {
   return counts[device];
 }
 
-// Device metadata of one gradient set, cached (small LRU) by its exact content: a
-// training loop passes the same gradient tensors every step, so after the first step no
-// host->device copy is made at all (and the pinned source stays alive, so a CUDA graph
-// that captured the copy stays valid).
-struct Plan {
-  std::vector<int64_t> key;
-  Tensor host;    // pinned
-  Tensor dev;     // metadata on the device
-  int64_t T = 0, G = 0, C = 0;
-  c10::StreamId stream_id = 0;  // stream of the upload
-  const TensorMeta* tmeta() const { return reinterpret_cast<const TensorMeta*>(dev.data_ptr()); }
-  const int64_t* cb() const {
-    return reinterpret_cast<const int64_t*>(static_cast<const char*>(dev.data_ptr()) +
-                                            T * sizeof(TensorMeta));
+std::atomic<long long> g_plans_built{0}, g_plans_cached{0}, g_uploads{0},
+    g_uploads_skipped{0}, g_ring_waits{0}, g_capture_uploads{0};
+
+// While a thread captures a CUDA graph in torch's default (global) capture mode, "unsafe"
+// calls such as cudaHostAlloc are refused. Like torch's caching allocator, switch this
+// thread to relaxed mode around them (cudaThreadExchangeStreamCaptureMode swaps modes).
+struct RelaxedCaptureMode {
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  bool swapped = false;
+  RelaxedCaptureMode() {
+    swapped = cudaThreadExchangeStreamCaptureMode(&mode) == cudaSuccess;
+    if (!swapped) (void)cudaGetLastError();
   }
-  const int64_t* gb() const { return cb() + (T + 1); }
+  ~RelaxedCaptureMode() {
+    if (swapped) (void)cudaThreadExchangeStreamCaptureMode(&mode);
+  }
 };
 
-std::mutex g_plans_mu;
-std::list<std::shared_ptr<Plan>> g_plans;  // most recent first
+char* pinned_alloc(size_t bytes) {
+  RelaxedCaptureMode relaxed;
+  void* p = nullptr;
+  C10_CUDA_CHECK(cudaHostAlloc(&p, std::max<size_t>(bytes, 8), cudaHostAllocPortable));
+  return static_cast<char*>(p);
+}
+
+cudaEvent_t new_event() {
+  RelaxedCaptureMode relaxed;
+  cudaEvent_t e = nullptr;
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  return e;
+}
+
+bool is_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;  // active (or invalidated: still inside)
+}
+
+constexpr int kRingSlots = 4;
+
+// The device-side description of one gradient STRUCTURE (see the top of this file), with
+// the machinery that keeps its pointer table current.
+//
+// Pointer upload (eager): every call computes the T data pointers on the host. Equal to
+// the last uploaded ones -> nothing to do. Otherwise they are written into one of
+// kRingSlots pinned host slots and copied to the device table `dptrs` with cudaMemcpyAsync
+// on the current stream, followed by a CUDA event. A slot is reused only once its event
+// has completed (cudaEventQuery, no wait); only if all kRingSlots copies are still in flight
+// does the call block on the oldest one (counted in ring_waits). Kernels of the call are
+// enqueued after the copy on the same stream, so they read the new pointers; the next
+// call's copy is enqueued after them, so it cannot overwrite the table under them. When a
+// call comes on another stream than the previous one, the new stream first waits (device
+// side, cudaStreamWaitEvent) for everything already enqueued on the old one.
+//
+// CUDA graph capture: while the current stream is capturing, a call does NOT touch the
+// eager table or the ring. It writes its pointers into a pinned buffer and a device table
+// of its own, both made for this capture and never reused or freed (kept in the leaky
+// PlanCache), and captures the copy between them: every replay re-copies the same
+// capture-time pointers and the captured kernels read that private table, whatever eager
+// calls did in between. A plan used inside a capture is marked `captured` and is never
+// freed either (the graph reads its static part). A plan built during a capture never
+// serves eager calls (its static upload happens only when the graph replays), so run one
+// eager step before capturing, as with any torch code that allocates on first use.
+struct Plan {
+  std::vector<int64_t> key;
+  int device = 0;
+  int64_t T = 0, G = 0, C = 0;
+  Tensor meta;                    // device: TensorInfo[T] | int64 cb[T+1] | int64 gb[G+1]
+  Tensor dptrs;                   // device: eager pointer table, int64[T]
+  char* pinned = nullptr;         // host: static part, then kRingSlots pointer slots
+  size_t static_bytes = 0;
+  cudaEvent_t static_done = nullptr;
+  cudaEvent_t slot_done[kRingSlots] = {};
+  bool slot_used[kRingSlots] = {};
+  int next_slot = 0;
+  cudaEvent_t switch_event = nullptr;
+  cudaStream_t last_stream = nullptr;
+  bool have_last_stream = false;
+  std::vector<int64_t> last_ptrs;  // what the eager table holds once its last copy lands
+  bool have_last_ptrs = false;
+  bool captured = false;           // set under PlanCache::mu; such a plan is never freed
+  std::mutex mu;                   // held by one call from its upload to its last launch
+
+  Plan() = default;
+  Plan(const Plan&) = delete;
+  Plan& operator=(const Plan&) = delete;
+
+  const TensorInfo* info() const { return static_cast<const TensorInfo*>(meta.const_data_ptr()); }
+  const int64_t* cb() const {
+    return reinterpret_cast<const int64_t*>(static_cast<const char*>(meta.const_data_ptr()) +
+                                            T * sizeof(TensorInfo));
+  }
+  const int64_t* gb() const { return cb() + (T + 1); }
+  int64_t* slot_host(int k) { return reinterpret_cast<int64_t*>(pinned + static_bytes) + k * T; }
+
+  // Runs only for an evicted plan that no graph captured (PlanCache is never destroyed,
+  // so never at interpreter exit). Waits for this plan's copies still in flight, if any,
+  // before releasing the pinned memory they read.
+  ~Plan() {
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    RelaxedCaptureMode relaxed;  // another thread may be capturing (global mode)
+    cudaEvent_t* all[] = {&static_done, &switch_event};
+    for (cudaEvent_t* e : all) {
+      if (*e != nullptr) {
+        (void)cudaEventSynchronize(*e);
+        (void)cudaEventDestroy(*e);
+      }
+    }
+    for (cudaEvent_t& e : slot_done) {
+      if (e != nullptr) {
+        (void)cudaEventSynchronize(e);
+        (void)cudaEventDestroy(e);
+      }
+    }
+    if (pinned != nullptr) (void)cudaFreeHost(pinned);
+    (void)cudaGetLastError();  // leave no stale error for the next launch check
+  }
+
+  int acquire_slot() {
+    for (int i = 0; i < kRingSlots; ++i) {
+      const int k = (next_slot + i) % kRingSlots;
+      if (!slot_used[k]) return take(k);
+      const cudaError_t err = cudaEventQuery(slot_done[k]);
+      if (err == cudaSuccess) return take(k);
+      if (err != cudaErrorNotReady) C10_CUDA_CHECK(err);
+      (void)cudaGetLastError();  // cudaErrorNotReady is not an error: clear it
+    }
+    const int k = next_slot;  // every slot busy: wait for the oldest copy
+    g_ring_waits.fetch_add(1, std::memory_order_relaxed);
+    C10_CUDA_CHECK(cudaEventSynchronize(slot_done[k]));
+    return take(k);
+  }
+
+  int take(int k) {
+    next_slot = (k + 1) % kRingSlots;
+    return k;
+  }
+};
+
+// Memory of CUDA graph captures: pinned source and device copy of one capture's pointers.
+struct CaptureTable {
+  char* host;
+  Tensor dev;
+};
+
+// The plan cache: a small LRU of eager plans, plus everything a captured graph may read.
+// It is a leaky singleton on purpose: created on first use and never destroyed. A static
+// object here would be destroyed by the C++ runtime after Python has finalized and after
+// torch's CUDA caching allocators, pinned-memory allocator and CUDA context may already be
+// torn down (they are created later, on first CUDA use, so their teardown runs earlier):
+// freeing the plans' device and pinned tensors then touches destroyed allocator state, the
+// segmentation fault at exit (rc 139) seen after GPU work. Leaking a few KB of tables at
+// exit is harmless (the process and its CUDA context go away), and nothing of ours runs
+// during teardown. Not released from a Python atexit hook either: a graph replayed by
+// another exit hook would read freed tables.
+struct PlanCache {
+  std::mutex mu;
+  std::list<std::shared_ptr<Plan>> lru;       // eager plans, most recent first
+  std::vector<std::shared_ptr<Plan>> kept;    // captured or built in a capture: never freed
+  std::vector<CaptureTable> capture_tables;   // never freed
+};
 constexpr size_t kMaxPlans = 8;
 
-std::shared_ptr<const Plan> get_plan(const std::vector<const Tensor*>& ts, c10::IntArrayRef bounds,
-                     const at::Device& device) {
+PlanCache& plan_cache() {
+  static PlanCache* cache = new PlanCache();  // leaky singleton, see PlanCache
+  return *cache;
+}
+
+std::vector<int64_t> structure_key(const std::vector<const Tensor*>& ts, c10::IntArrayRef bounds,
+                                   int device) {
   const int64_t T = static_cast<int64_t>(ts.size());
-  const int64_t G = static_cast<int64_t>(bounds.size()) - 1;
   std::vector<int64_t> key;
-  key.reserve(3 * T + G + 3);
-  key.push_back(device.index());
+  key.reserve(2 * T + bounds.size() + 2);
+  key.push_back(device);
   key.push_back(T);
+  for (int64_t b : bounds) key.push_back(b);
   for (const Tensor* t : ts) {
-    key.push_back(reinterpret_cast<int64_t>(t->const_data_ptr()));
     key.push_back(t->numel());
     key.push_back(dtype_code(t->scalar_type()));
   }
-  for (int64_t b : bounds) key.push_back(b);
-  std::lock_guard<std::mutex> lock(g_plans_mu);
-  for (auto it = g_plans.begin(); it != g_plans.end(); ++it) {
-    if ((*it)->key == key) {
-      g_plans.splice(g_plans.begin(), g_plans, it);
-      Plan& hit = *g_plans.front();
-      const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
-      if (stream.id() != hit.stream_id) {
-        // used on another stream: keep the caching allocator from recycling the block
-        // before that stream's kernels are done, should the plan be evicted
-        hit.dev.record_stream(stream);
-      }
-      return g_plans.front();
-    }
-  }
+  return key;
+}
+
+std::shared_ptr<Plan> build_plan(std::vector<int64_t> key, const std::vector<const Tensor*>& ts,
+                                 c10::IntArrayRef bounds, const at::Device& device,
+                                 cudaStream_t stream, bool capturing) {
   auto made = std::make_shared<Plan>();
   Plan& plan = *made;
+  const int64_t T = static_cast<int64_t>(ts.size());
+  const int64_t G = static_cast<int64_t>(bounds.size()) - 1;
   plan.key = std::move(key);
+  plan.device = device.index();
   plan.T = T;
   plan.G = G;
-  const int64_t bytes = T * static_cast<int64_t>(sizeof(TensorMeta)) +
-                        (T + 1 + G + 1) * static_cast<int64_t>(sizeof(int64_t));
-  plan.host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  char* h = static_cast<char*>(plan.host.data_ptr());
-  auto* tm = reinterpret_cast<TensorMeta*>(h);
-  auto* cb = reinterpret_cast<int64_t*>(h + T * sizeof(TensorMeta));
+  plan.static_bytes = T * sizeof(TensorInfo) + (T + 1 + G + 1) * sizeof(int64_t);
+  plan.pinned = pinned_alloc(plan.static_bytes + kRingSlots * T * sizeof(int64_t));
+  auto* ti = reinterpret_cast<TensorInfo*>(plan.pinned);
+  auto* cb = reinterpret_cast<int64_t*>(plan.pinned + T * sizeof(TensorInfo));
   auto* gb = cb + (T + 1);
   int64_t c = 0;
   int64_t g = 0;
   for (int64_t i = 0; i < T; ++i) {
     while (g < G && bounds[g + 1] <= i) ++g;
-    const Tensor& t = *ts[i];
-    tm[i].ptr = t.const_data_ptr();
-    tm[i].numel = t.numel();
-    tm[i].dtype = dtype_code(t.scalar_type());
-    tm[i].group = static_cast<int32_t>(g);
+    ti[i].numel = ts[i]->numel();
+    ti[i].dtype = dtype_code(ts[i]->scalar_type());
+    ti[i].group = static_cast<int32_t>(g);
     cb[i] = c;
-    c += (t.numel() + kCudaChunk - 1) / kCudaChunk;
+    c += (ts[i]->numel() + kCudaChunk - 1) / kCudaChunk;
   }
   cb[T] = c;
   for (int64_t k = 0; k <= G; ++k) gb[k] = bounds[k];
   plan.C = c;
-  plan.dev = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
-  plan.dev.copy_(plan.host, /*non_blocking=*/true);
-  plan.stream_id = c10::cuda::getCurrentCUDAStream(device.index()).id();
-  g_plans.push_front(made);
-  if (g_plans.size() > kMaxPlans) g_plans.pop_back();
+  plan.meta = at::empty({static_cast<int64_t>(plan.static_bytes)},
+                        at::TensorOptions().dtype(at::kByte).device(device));
+  plan.dptrs = at::empty({std::max<int64_t>(T, 1)},
+                         at::TensorOptions().dtype(at::kLong).device(device));
+  plan.static_done = new_event();
+  plan.switch_event = new_event();
+  for (auto& e : plan.slot_done) e = new_event();
+  C10_CUDA_CHECK(cudaMemcpyAsync(plan.meta.data_ptr(), plan.pinned, plan.static_bytes,
+                                 cudaMemcpyHostToDevice, stream));
+  if (!capturing) {
+    C10_CUDA_CHECK(cudaEventRecord(plan.static_done, stream));
+    plan.last_stream = stream;
+    plan.have_last_stream = true;
+  }
   return made;
 }
 
-using StatsOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                            Tensor, Tensor, Tensor, Tensor>;
+// The plan for this structure (built on a miss). Inside a capture the plan is marked
+// captured (never freed afterwards); a plan built inside a capture is kept out of the
+// eager LRU.
+std::shared_ptr<Plan> get_plan(const std::vector<const Tensor*>& ts, c10::IntArrayRef bounds,
+                               const at::Device& device, cudaStream_t stream, bool capturing) {
+  std::vector<int64_t> key = structure_key(ts, bounds, device.index());
+  PlanCache& cache = plan_cache();
+  std::lock_guard<std::mutex> lock(cache.mu);
+  for (auto it = cache.lru.begin(); it != cache.lru.end(); ++it) {
+    if ((*it)->key == key) {
+      cache.lru.splice(cache.lru.begin(), cache.lru, it);
+      if (capturing) cache.lru.front()->captured = true;
+      g_plans_cached.fetch_add(1, std::memory_order_relaxed);
+      return cache.lru.front();
+    }
+  }
+  auto made = build_plan(std::move(key), ts, bounds, device, stream, capturing);
+  g_plans_built.fetch_add(1, std::memory_order_relaxed);
+  if (capturing) {
+    made->captured = true;
+    cache.kept.push_back(made);
+    return made;
+  }
+  cache.lru.push_front(made);
+  if (cache.lru.size() > kMaxPlans) {
+    std::shared_ptr<Plan> old = std::move(cache.lru.back());
+    cache.lru.pop_back();
+    if (old->captured) cache.kept.push_back(std::move(old));
+    // else: freed when the last call using it returns (~Plan)
+  }
+  return made;
+}
 
-StatsOut stats_cuda(at::TensorList tensors, c10::IntArrayRef group_bounds, double norm_type,
-                    std::optional<double> max_norm) {
+// The device pointer table the kernels of this call read (see Plan). Call with plan.mu
+// held, and keep holding it until the call's last launch is enqueued.
+const int64_t* table_for(Plan& plan, const std::vector<int64_t>& ptrs,
+                         const c10::cuda::CUDAStream& cstream, bool capturing) {
+  const cudaStream_t stream = cstream.stream();
+  const size_t bytes = ptrs.size() * sizeof(int64_t);
+  if (capturing) {
+    char* host = pinned_alloc(bytes);
+    std::memcpy(host, ptrs.data(), bytes);
+    Tensor dev = at::empty({std::max<int64_t>(plan.T, 1)},
+                           at::TensorOptions().dtype(at::kLong).device(plan.meta.device()));
+    C10_CUDA_CHECK(cudaMemcpyAsync(dev.data_ptr(), host, bytes, cudaMemcpyHostToDevice, stream));
+    const int64_t* out = dev.const_data_ptr<int64_t>();
+    {
+      PlanCache& cache = plan_cache();
+      std::lock_guard<std::mutex> lock(cache.mu);
+      cache.capture_tables.push_back(CaptureTable{host, std::move(dev)});
+    }
+    g_capture_uploads.fetch_add(1, std::memory_order_relaxed);
+    return out;
+  }
+  if (plan.have_last_stream && stream != plan.last_stream) {
+    // order this stream after the previous one's copies and kernels (device side), and
+    // keep the caching allocator from recycling the tables before this stream is done
+    C10_CUDA_CHECK(cudaEventRecord(plan.switch_event, plan.last_stream));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(stream, plan.switch_event, 0));
+    plan.meta.record_stream(cstream.unwrap());
+    plan.dptrs.record_stream(cstream.unwrap());
+  }
+  plan.last_stream = stream;
+  plan.have_last_stream = true;
+  if (plan.have_last_ptrs && plan.last_ptrs == ptrs) {
+    g_uploads_skipped.fetch_add(1, std::memory_order_relaxed);
+    return plan.dptrs.const_data_ptr<int64_t>();
+  }
+  if (bytes > 0) {
+    const int k = plan.acquire_slot();
+    int64_t* h = plan.slot_host(k);
+    std::memcpy(h, ptrs.data(), bytes);
+    C10_CUDA_CHECK(cudaMemcpyAsync(plan.dptrs.data_ptr(), h, bytes, cudaMemcpyHostToDevice,
+                                   stream));
+    C10_CUDA_CHECK(cudaEventRecord(plan.slot_done[k], stream));
+    plan.slot_used[k] = true;
+  }
+  plan.last_ptrs = ptrs;
+  plan.have_last_ptrs = true;
+  g_uploads.fetch_add(1, std::memory_order_relaxed);
+  return plan.dptrs.const_data_ptr<int64_t>();
+}
+
+std::vector<int64_t> data_ptrs(const std::vector<const Tensor*>& ts) {
+  std::vector<int64_t> out(ts.size());
+  for (size_t i = 0; i < ts.size(); ++i) {
+    out[i] = reinterpret_cast<int64_t>(ts[i]->const_data_ptr());
+  }
+  return out;
+}
+
+}  // namespace
+
+PlanCounters plan_counters() {
+  return PlanCounters{g_plans_built.load(), g_plans_cached.load(), g_uploads.load(),
+                      g_uploads_skipped.load(), g_ring_waits.load(), g_capture_uploads.load()};
+}
+
+StatsOut stats(at::TensorList tensors, c10::IntArrayRef group_bounds, double norm_type,
+               std::optional<double> max_norm) {
   const int64_t T = static_cast<int64_t>(tensors.size());
   const int64_t G = check_bounds(group_bounds, T, "gradstats.stats");
   const int32_t mode = norm_mode(norm_type);
@@ -590,9 +854,13 @@ StatsOut stats_cuda(at::TensorList tensors, c10::IntArrayRef group_bounds, doubl
       ts[i] = &t;
     }
   }
-  const auto plan_ptr = get_plan(ts, group_bounds, device);
-  const Plan& plan = *plan_ptr;
-  auto stream = c10::cuda::getCurrentCUDAStream(device.index());
+  const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
+  const bool capturing = is_capturing(stream.stream());
+  const std::shared_ptr<Plan> plan_ptr = get_plan(ts, group_bounds, device, stream.stream(),
+                                                  capturing);
+  Plan& plan = *plan_ptr;
+  std::lock_guard<std::mutex> use(plan.mu);
+  const int64_t* dptrs = table_for(plan, data_ptrs(ts), stream, capturing);
 
   auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);
   auto i64 = at::TensorOptions().dtype(at::kLong).device(device);
@@ -616,15 +884,15 @@ StatsOut stats_cuda(at::TensorList tensors, c10::IntArrayRef group_bounds, doubl
 
   if (plan.C > 0) {
     TORCH_CHECK(plan.C < (int64_t{1} << 31), "gradstats.stats (CUDA): too many chunks");
-    stats_kernel<<<static_cast<unsigned>(plan.C), kThreads, 0, stream>>>(
-        plan.tmeta(), plan.cb(), T, mode, static_cast<float>(norm_type), slots);
+    stats_kernel<<<static_cast<unsigned>(plan.C), kThreads, 0, stream.stream()>>>(
+        dptrs, plan.info(), plan.cb(), T, mode, static_cast<float>(norm_type), slots);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   FinalOut out{acc.data_ptr<float>(), max_abs.data_ptr<float>(), n_nan.data_ptr<int64_t>(),
                n_inf.data_ptr<int64_t>(), t_acc.data_ptr<float>(), t_nan.data_ptr<int64_t>(),
                t_inf.data_ptr<int64_t>(), norm.data_ptr<float>(), total.data_ptr<float>(),
                nonfinite.data_ptr<int64_t>(), ptn.data_ptr<float>(), coef.data_ptr<float>()};
-  finalize_kernel<<<1, kFinalThreads, 0, stream>>>(
+  finalize_kernel<<<1, kFinalThreads, 0, stream.stream()>>>(
       slots, plan.cb(), plan.gb(), T, G, mode, norm_type, max_norm.has_value() ? 1 : 0,
       max_norm.has_value() ? static_cast<float>(*max_norm) : 1.0f, t_accd, t_max, g_accd, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -632,7 +900,7 @@ StatsOut stats_cuda(at::TensorList tensors, c10::IntArrayRef group_bounds, doubl
                   ptn, coef);
 }
 
-void scale_cuda(at::TensorList tensors, c10::IntArrayRef group_bounds, const Tensor& coef) {
+void scale_(at::TensorList tensors, c10::IntArrayRef group_bounds, const Tensor& coef) {
   const int64_t T = static_cast<int64_t>(tensors.size());
   const int64_t G = check_bounds(group_bounds, T, "gradstats.scale_");
   if (T == 0) return;
@@ -665,22 +933,20 @@ void scale_cuda(at::TensorList tensors, c10::IntArrayRef group_bounds, const Ten
     bounds.push_back(static_cast<int64_t>(ts.size()));
   }
   if (ts.empty()) return;
-  const auto plan_ptr = get_plan(ts, bounds, device);
-  const Plan& plan = *plan_ptr;
+  const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
+  const bool capturing = is_capturing(stream.stream());
+  const std::shared_ptr<Plan> plan_ptr = get_plan(ts, bounds, device, stream.stream(),
+                                                  capturing);
+  Plan& plan = *plan_ptr;
   if (plan.C == 0) return;
-  auto stream = c10::cuda::getCurrentCUDAStream(device.index());
+  std::lock_guard<std::mutex> use(plan.mu);
+  const int64_t* dptrs = table_for(plan, data_ptrs(ts), stream, capturing);
   const int64_t blocks = std::min<int64_t>(plan.C, int64_t{8} * sm_count(device.index()));
-  scale_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      plan.tmeta(), plan.cb(), plan.T, plan.C, cf.const_data_ptr<float>(),
+  scale_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream.stream()>>>(
+      dptrs, plan.info(), plan.cb(), plan.T, plan.C, cf.const_data_ptr<float>(),
       cf.dim() == 0 ? 0 : 1);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-}  // namespace
 }  // namespace cuda
 }  // namespace gradstats
-
-TORCH_LIBRARY_IMPL(gradstats, CUDA, m) {
-  m.impl("stats", &gradstats::cuda::stats_cuda);
-  m.impl("scale_", &gradstats::cuda::scale_cuda);
-}

@@ -5,8 +5,8 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
+#include "../ops.h"
 #include "decide_op.h"
 
 namespace gradstats {
@@ -17,6 +17,8 @@ template <typename T>
 const T* opt_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<T>() : nullptr;
 }
+
+}  // namespace
 
 DecideOut decide_cpu(const at::Tensor& norm, const at::Tensor& total, const at::Tensor& max_abs,
                      const std::optional<at::Tensor>& loss,
@@ -57,16 +59,5 @@ DecideOut decide_cpu(const at::Tensor& norm, const at::Tensor& total, const at::
   return {outf, outi, gs, fi};
 }
 
-}  // namespace
 }  // namespace decide
 }  // namespace gradstats
-
-TORCH_LIBRARY_FRAGMENT(gradstats, m) {
-  m.def(
-      "decide(Tensor norm, Tensor total, Tensor max_abs, Tensor? loss, Tensor? amp_scale, "
-      "Tensor? amp_found, Tensor? has_grads, Tensor(a!) fstate, Tensor(b!) istate, "
-      "Tensor table, Tensor params, int[] meta, float one_minus_alpha) -> "
-      "(Tensor outf, Tensor outi, Tensor grad_scale, Tensor found_inf)");
-}
-
-TORCH_LIBRARY_IMPL(gradstats, CPU, m) { m.impl("decide", &gradstats::decide::decide_cpu); }

@@ -11,16 +11,26 @@ Available when the compiled extension ``gradstats._C`` was built (``pip install
   >= 1 are not touched.
 
 Bytes moved (CPU): the stats op reads each gradient once (chunks of 64K elements spread
-over the intra-op threads, vectorised with ``at::vec``; the AVX512/AVX2/baseline build is
-chosen at run time). Non-contiguous gradients that are not a dense permutation are copied
-once first. The scale op reads and writes each gradient once, only when it clips.
+over the intra-op threads, vectorised with ``at::vec``; the AVX2/baseline build is chosen at
+run time, AVX512 only on request, see below). Non-contiguous gradients that are not a dense
+permutation are copied once first. The scale op reads and writes each gradient once, only
+when it clips.
+
+Range: norms are right (relative error <= 1e-5 against float64) for elements anywhere in
+the float32 range, 1e-38 to 3e38: a chunk whose float32 sum would lose precision or
+overflow is recomputed in double (``csrc/gradstats_common.h``). float64 gradients are not
+handled here; the dispatcher gives them to the torch backend.
 
 The fake (meta) kernels below let the ops run under ``torch.compile`` and fake tensors.
 
 Environment: ``GRADSTATS_NO_EXT=1`` ignores the compiled extension (pure Python);
-``GRADSTATS_CPU_CAPABILITY=avx2|default`` caps the CPU kernel build used (read once per
-process; torch's ``ATEN_CPU_CAPABILITY`` caps it too). CUDA: the device metadata of a
-gradient set is cached by content, so run one eager step before capturing a CUDA graph.
+``GRADSTATS_CPU_CAPABILITY=avx2|default`` caps the CPU kernel build used, and
+``GRADSTATS_CPU_CAPABILITY=avx512`` opts in to the AVX512 build, which is compiled but not
+used by default until it has passed the test suite on an AVX512 machine of ours (read once
+per process; without it torch's ``ATEN_CPU_CAPABILITY`` caps the choice too). CUDA: the
+device metadata of a gradient set is cached by structure (sizes, dtypes, groups), and the
+data pointers are re-uploaded asynchronously when the gradients move; run one eager step
+before capturing a CUDA graph.
 """
 from __future__ import annotations
 
@@ -134,8 +144,7 @@ def describe() -> str:
     if err:
         return "unavailable because " + err
     cuda = "built" if _C.cuda_built() else "not built"
-    return (f"CPU kernels {_C.cpu_capability()} (this CPU runs: "
-            f"{', '.join(_C.cpu_capabilities())}); CUDA kernels {cuda}")
+    return f"{_C.cpu_capability_summary()}; CUDA kernels {cuda}"
 
 
 _BOUNDS: Dict[tuple, List[int]] = {}
@@ -170,10 +179,15 @@ class NativeBackend(Backend):
                            "CUDA, nvcc not found, or GRADSTATS_BUILD_CUDA=0)")
         elif dev != "cpu":
             why.append(f"device {dslice.device}: native kernels exist for cpu and cuda only")
-        bad = sorted({str(t.dtype) for t in dslice.tensors if t.dtype not in _SUPPORTED_DTYPES})
+        bad = {t.dtype for t in dslice.tensors if t.dtype not in _SUPPORTED_DTYPES}
+        if torch.float64 in bad:
+            why.append("float64 gradients: the native kernels do not support float64 "
+                       "(they handle float32, bfloat16 and float16); use the torch backend")
+            bad.discard(torch.float64)
         if bad:
-            why.append(f"dtype {', '.join(bad)}: native kernels handle float32, bfloat16 and "
-                       "float16")
+            names = ", ".join(sorted(str(d).replace("torch.", "") for d in bad))
+            why.append(f"dtype {names}: the native kernels handle float32, bfloat16 and "
+                       "float16 only")
         if not (norm_type > 0):
             why.append(f"norm_type={norm_type}: only p > 0 and inf are supported")
         return why

@@ -1,130 +1,30 @@
-// gradstats native ops: schemas (TORCH_LIBRARY), the CPU implementations, and the
-// Python module object `gradstats._C` (importing it registers the ops).
+// CPU implementations of torch.ops.gradstats.stats and scale_ (schemas and semantics:
+// registration.cpp): the chunk table, the hand-out of chunks to threads, the fixed-order
+// reduction in double, the finalize step and torch's clip coefficient. The per-element work
+// runs in the CPU kernel build chosen by capability.cpp (cpu/stats_kernel.h).
 //
-//   torch.ops.gradstats.stats(tensors, group_bounds, norm_type, max_norm)
-//       One pass over all tensors of all groups. Group g is
-//       tensors[group_bounds[g]:group_bounds[g+1]]. Returns fresh tensors:
-//         acc[G] f32        sum |x|^p over finite elements (max |x| for p = inf)
-//         max_abs[G] f32    largest finite |x| (0 if none)
-//         n_nan[G], n_inf[G] i64
-//         t_acc[T] f32, t_nan[T] i64, t_inf[T] i64       the same per tensor
-//         norm[G] f32       acc^(1/p); NaN if a NaN was seen, else Inf if an Inf was
-//         total_norm[] f32  the norm over all groups (same NaN/Inf rule)
-//         nonfinite[G] i64  n_nan + n_inf
-//         per_tensor_norm[T] f32
-//         clip_coef[] f32   clamp(max_norm / (total_norm + 1e-6), max=1) computed with
-//                           torch's float32 rounding steps; 1 when max_norm is None.
-//   torch.ops.gradstats.scale_(tensors, group_bounds, coef)
-//       x *= coef[g] (coef 0-dim: one value for all groups) in place, only for groups whose
-//       coefficient is < 1 or NaN; the others are not read. x = (float)x * c rounded to
-//       the element type, as torch's mul_ by a float32 0-dim tensor.
-//
-// Determinism: every tensor is cut into chunks of kChunk elements at fixed offsets; each
-// chunk's partials go to their own slot; slots are reduced per tensor, tensors per group,
-// groups into the total, all in index order and in double. Threads only decide who
-// computes a slot, never what goes into it: results are bit-identical for any thread
-// count.
-#include <Python.h>
-
+// Bytes moved: stats reads every gradient once (non-flat gradients are first copied into a
+// contiguous buffer); scale_ reads and writes every gradient of the groups it scales once.
 #include <algorithm>
 #include <atomic>
-#include <cctype>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
-#include <string>
-#include <tuple>
 #include <vector>
 
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
-#include <torch/library.h>
 
+#include "capability.h"
 #include "gradstats_common.h"
 #include "host_common.h"
+#include "ops.h"
 
 namespace gradstats {
 namespace {
 
 using at::Tensor;
-
-// ---------------------------------------------------------------------------------------
-// CPU capability selection
-// ---------------------------------------------------------------------------------------
-
-struct CapEntry {
-  const char* name;
-  const cpu::KernelTable* (*table)();
-  bool (*cpu_has)();
-};
-
-bool has_default() { return true; }
-#if defined(GRADSTATS_HAVE_AVX2)
-bool has_avx2() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
-}
-#endif
-#if defined(GRADSTATS_HAVE_AVX512)
-bool has_avx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
-#endif
-
-// Best first.
-const std::vector<CapEntry>& capabilities() {
-  static const std::vector<CapEntry> caps = {
-#if defined(GRADSTATS_HAVE_AVX512)
-      {"AVX512", &cpu::table_avx512, &has_avx512},
-#endif
-#if defined(GRADSTATS_HAVE_AVX2)
-      {"AVX2", &cpu::table_avx2, &has_avx2},
-#endif
-      {"DEFAULT", &cpu::table_default, &has_default},
-  };
-  return caps;
-}
-
-int cap_rank(const std::string& name) {
-  if (name == "AVX512") return 2;
-  if (name == "AVX2") return 1;
-  return 0;
-}
-
-// The best build this CPU runs, capped by torch's own choice (at::get_cpu_capability,
-// which honours ATEN_CPU_CAPABILITY) and by GRADSTATS_CPU_CAPABILITY if set.
-const CapEntry* choose_capability() {
-  int limit = cap_rank(at::get_cpu_capability());
-  if (const char* env = std::getenv("GRADSTATS_CPU_CAPABILITY")) {
-    std::string s(env);
-    for (auto& ch : s) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
-    if (!s.empty()) limit = std::min(limit, cap_rank(s));
-  }
-  for (const auto& c : capabilities()) {
-    if (cap_rank(c.name) <= limit && c.cpu_has()) return &c;
-  }
-  return &capabilities().back();
-}
-
-std::atomic<const CapEntry*> g_cap{nullptr};
-
-const CapEntry* current_cap() {
-  const CapEntry* c = g_cap.load(std::memory_order_acquire);
-  if (c == nullptr) {
-    c = choose_capability();
-    g_cap.store(c, std::memory_order_release);
-  }
-  return c;
-}
-
-const cpu::KernelTable* kernels() { return current_cap()->table(); }
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -164,8 +64,8 @@ using host::flat_ok;
 using host::norm_mode;
 
 // ---------------------------------------------------------------------------------------
-// Finalize: chunk slots -> per-tensor -> per-group -> total (shared with the CUDA host
-// code through the same rules, see stats_cuda.cu)
+// Finalize: chunk slots -> per-tensor -> per-group -> total (the CUDA finalize kernel in
+// cuda/stats_cuda.cu follows the same rules)
 // ---------------------------------------------------------------------------------------
 
 double norm_from_acc(double acc, int32_t mode, double p) {
@@ -195,11 +95,12 @@ float clip_coef_of(float total, double max_norm) {
   return (c > 1.0f) ? 1.0f : c;  // NaN stays NaN
 }
 
-using StatsOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                            Tensor, Tensor, Tensor, Tensor>;
+}  // namespace
 
-StatsOut stats_cpu(at::TensorList tensors, c10::IntArrayRef group_bounds, double norm_type,
-                   std::optional<double> max_norm) {
+namespace cpu_ops {
+
+StatsOut stats(at::TensorList tensors, c10::IntArrayRef group_bounds, double norm_type,
+               std::optional<double> max_norm) {
   const int64_t T = static_cast<int64_t>(tensors.size());
   const int64_t G = check_bounds(group_bounds, T, "gradstats.stats");
   const int32_t mode = norm_mode(norm_type);
@@ -236,7 +137,7 @@ StatsOut stats_cpu(at::TensorList tensors, c10::IntArrayRef group_bounds, double
 
   const int64_t C = static_cast<int64_t>(chunks.size());
   std::vector<ChunkPartial> part(C);
-  const auto* kt = kernels();
+  const auto* kt = capability::kernels();
   const float pf = static_cast<float>(norm_type);
   run_items(C, total_elems, [&](int64_t b, int64_t e) {
     kt->stats(chunks.data() + b, e - b, mode, pf, part.data() + b);
@@ -306,6 +207,8 @@ StatsOut stats_cpu(at::TensorList tensors, c10::IntArrayRef group_bounds, double
                   ptn, coef);
 }
 
+namespace {
+
 struct ScaleItem {
   void* ptr;
   int64_t n;
@@ -313,7 +216,9 @@ struct ScaleItem {
   float coef;
 };
 
-void scale_cpu(at::TensorList tensors, c10::IntArrayRef group_bounds, const Tensor& coef) {
+}  // namespace
+
+void scale_(at::TensorList tensors, c10::IntArrayRef group_bounds, const Tensor& coef) {
   const int64_t T = static_cast<int64_t>(tensors.size());
   const int64_t G = check_bounds(group_bounds, T, "gradstats.scale_");
   TORCH_CHECK(coef.device().is_cpu(), "gradstats.scale_ (CPU): coef must be on the CPU, got ",
@@ -348,7 +253,7 @@ void scale_cpu(at::TensorList tensors, c10::IntArrayRef group_bounds, const Tens
       total_elems += n;
     }
   }
-  const auto* kt = kernels();
+  const auto* kt = capability::kernels();
   run_items(static_cast<int64_t>(items.size()), total_elems, [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) {
       kt->scale(items[k].ptr, items[k].dtype, items[k].n, items[k].coef);
@@ -356,98 +261,5 @@ void scale_cpu(at::TensorList tensors, c10::IntArrayRef group_bounds, const Tens
   });
 }
 
-}  // namespace
+}  // namespace cpu_ops
 }  // namespace gradstats
-
-TORCH_LIBRARY(gradstats, m) {
-  m.def(
-      "stats(Tensor[] tensors, int[] group_bounds, float norm_type, float? max_norm=None) -> "
-      "(Tensor acc, Tensor max_abs, Tensor n_nan, Tensor n_inf, Tensor t_acc, Tensor t_nan, "
-      "Tensor t_inf, Tensor norm, Tensor total_norm, Tensor nonfinite, "
-      "Tensor per_tensor_norm, Tensor clip_coef)");
-  m.def("scale_(Tensor(a!)[] tensors, int[] group_bounds, Tensor coef) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(gradstats, CPU, m) {
-  m.impl("stats", &gradstats::stats_cpu);
-  m.impl("scale_", &gradstats::scale_cpu);
-}
-
-// ---------------------------------------------------------------------------------------
-// Python module gradstats._C: importing it loads this library (and registers the ops).
-// ---------------------------------------------------------------------------------------
-namespace {
-
-PyObject* py_cpu_capability(PyObject*, PyObject*) {
-  return PyUnicode_FromString(gradstats::current_cap()->name);
-}
-
-PyObject* py_cpu_capabilities(PyObject*, PyObject*) {
-  PyObject* out = PyList_New(0);
-  for (const auto& c : gradstats::capabilities()) {
-    if (c.cpu_has()) {
-      PyObject* s = PyUnicode_FromString(c.name);
-      PyList_Append(out, s);
-      Py_DECREF(s);
-    }
-  }
-  return out;
-}
-
-PyObject* py_set_cpu_capability(PyObject*, PyObject* arg) {
-  const char* name = PyUnicode_AsUTF8(arg);
-  if (name == nullptr) return nullptr;
-  const std::string want(name);
-  for (const auto& c : gradstats::capabilities()) {
-    if (want == c.name) {
-      if (!c.cpu_has()) break;
-      const auto* prev = gradstats::current_cap();
-      gradstats::g_cap.store(&c, std::memory_order_release);
-      return PyUnicode_FromString(prev->name);
-    }
-  }
-  PyErr_Format(PyExc_ValueError,
-               "gradstats._C.set_cpu_capability: %s is not built or not supported by this CPU",
-               name);
-  return nullptr;
-}
-
-PyObject* py_cuda_built(PyObject*, PyObject*) {
-#if defined(GRADSTATS_WITH_CUDA)
-  Py_RETURN_TRUE;
-#else
-  Py_RETURN_FALSE;
-#endif
-}
-
-}  // namespace
-namespace gradstats {
-PyObject* py_fingerprint(PyObject* self, PyObject* arg);  // fingerprint.cpp
-PyObject* py_grads_of(PyObject* self, PyObject* arg);     // fingerprint.cpp
-}  // namespace gradstats
-namespace {
-
-PyObject* py_chunk_elems(PyObject*, PyObject*) { return PyLong_FromLongLong(gradstats::kChunk); }
-
-PyMethodDef kMethods[] = {
-    {"cpu_capability", py_cpu_capability, METH_NOARGS,
-     "Name of the CPU kernel build in use (AVX512, AVX2 or DEFAULT)."},
-    {"cpu_capabilities", py_cpu_capabilities, METH_NOARGS,
-     "CPU kernel builds compiled in and supported by this CPU, best first."},
-    {"set_cpu_capability", py_set_cpu_capability, METH_O,
-     "Use another CPU kernel build (for tests); returns the previous one's name."},
-    {"cuda_built", py_cuda_built, METH_NOARGS, "True when the CUDA kernels were compiled in."},
-    {"chunk_elems", py_chunk_elems, METH_NOARGS, "Elements per chunk of the kernels."},
-    {"fingerprint", gradstats::py_fingerprint, METH_O,
-     "(bytes, same_device) describing a list of tensors for host-side caches, or None."},
-    {"grads_of", gradstats::py_grads_of, METH_O,
-     "The non-None .grad of a list of plain tensors/Parameters, or None for other types."},
-    {nullptr, nullptr, 0, nullptr}};
-
-PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",
-                       "gradstats native kernels (registers torch.ops.gradstats.*)", -1,
-                       kMethods};
-
-}  // namespace
-
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&kModule); }
