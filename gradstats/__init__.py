@@ -9,6 +9,7 @@ from .core.stats import GradStats, grad_stats
 from . import policies
 from .optim import StableOptimizer
 from .patch import TorchPatch, patch_torch
+from . import presets, sweep  # sweep: the package, callable as gradstats.sweep(...)
 from .version import __version__
 
 __all__ = [
@@ -23,5 +24,7 @@ __all__ = [
     "grad_stats",
     "patch_torch",
     "policies",
+    "presets",
+    "sweep",
     "__version__",
 ]

@@ -37,6 +37,7 @@ from .diagnosis import analyze  # noqa: F401  (public, re-exported)
 from ..telemetry.reader import read_log
 from .plots import _plot_overlay, _plot_run, _plot_spread
 from .runs import Run, load_run
+from . import sweep as sweep_report
 from .signals import (CLIP_RATE, SEED_SPREAD, SPIKE_RATIO, SPIKE_WINDOW, SPIKE_Z,
                       VANISH_FACTOR, VAR_RISE, VAR_RISE_NO_DIV, VAR_WINDOW, _final)
 from .signals import SPIKE_MIN_HISTORY  # noqa: F401  (public, re-exported)
@@ -209,6 +210,15 @@ def main(args: Any) -> int:
     if missing:
         print(f"gradstats report: no such log: {', '.join(missing)}", file=sys.stderr)
         return 2
+    sweeps = [p for p in args.logs if sweep_report.is_sweep_dir(p)]
+    if sweeps:  # a sweep directory (gradstats sweep): the LR-sensitivity report
+        if len(args.logs) > 1:
+            print("gradstats report: give one sweep directory, or stats logs",
+                  file=sys.stderr)
+            return 2
+        srep = sweep_report.build_sweep_report(sweeps[0], args.out)
+        print(f"report: {srep.markdown}\nplots:  {', '.join(srep.plots)}")
+        return 0
     rep = build_report(args.logs, args.out, k=args.k, window=args.window,
                        compare=args.compare)
     print_summary(rep)
