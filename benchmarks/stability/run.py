@@ -158,10 +158,56 @@ def verdicts(out: str, baseline: str = "torch-clip") -> str:
                      + ("-" if c == baseline else f"{oa} / {ob}") + " | "
                      + (f"{int(np.median(fb))} ({len(fb)})" if fb else "-") + " |")
         L.append("")
+    L += pair_tables(data, cs, PAIRS)
     path = os.path.join(out, "verdicts.md")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(L))
     return path
+
+
+#: seed-paired comparisons tabulated cell by cell in verdicts.md
+PAIRS = (("recommended", "torch-clip"), ("fixed", "torch-clip"),
+         ("update-clip+rec", "recommended"), ("spike", "torch-clip"),
+         ("clamped-w16-k6", "spike-w16-k6"))
+
+
+def pair_tables(data, cs, pairs) -> List[str]:
+    """For each pair (a, b) present: per scenario and LR, the mean paired difference of
+    final losses a - b ± SE (seeds where neither diverged) and the seeds that diverged
+    only with a / only with b."""
+    L: List[str] = []
+    for a, b in pairs:
+        if a not in data.configs or b not in data.configs:
+            continue
+        L += [f"## Paired: `{a}` minus `{b}`", "",
+              "Final loss difference, mean ± standard error over the seeds where neither "
+              "diverged (n); **bold**: beyond seed noise (|mean| > 2 SE); div a/b: seeds "
+              "that diverged only with a / only with b.", ""]
+        tasks = [t for t in data.tasks if (t, a) in {(k[0], k[1]) for k in cs}]
+        lrs_all = sorted({k[2] for k in cs if k[0] in tasks})
+        L += ["| scenario | " + " | ".join(f"lr {lr_label(x)}" for x in lrs_all) + " |",
+              "|---|" + "---|" * len(lrs_all)]
+        for t in tasks:
+            cells_ = []
+            for lr in lrs_all:
+                ca, cb = cs.get((t, a, lr)), cs.get((t, b, lr))
+                if ca is None or cb is None:
+                    cells_.append("")
+                    continue
+                md, se, k, da, db = paired_difference(ca, cb)
+                if k == 0:
+                    txt = "-"
+                else:
+                    txt = f"{md:+.4f} ± {se:.4f} (n={k})" if math.isfinite(se) else \
+                        f"{md:+.4f} (n={k})"
+                    if k >= 2 and math.isfinite(se) and abs(md) > 2 * se:
+                        txt = f"**{txt}**"
+                if da or db:
+                    txt += f" div {da}/{db}"
+                cells_.append(txt)
+            L.append(f"| {t} | " + " | ".join(cells_) + " |")
+        L.append("")
+    return L
 
 
 # ================================================================================ main

@@ -517,6 +517,9 @@ def plot_task(data: SweepData, task: str, cs: Dict[Tuple[str, str, float], Cell]
     inits = [r["initial_loss"] for r in data.rows if r["task"] == task
              and math.isfinite(r["initial_loss"])]
     ceiling = 1.15 * max(inits) if inits else None
+    markers = "osD^vP*X<>"
+    dodge = 1.04
+    thr = ((data.meta.get("tasks") or {}).get(task) or {}).get("diverge_loss")
     for ax, key, title in ((axes[0, 0], "final_loss", "final loss"),
                            (axes[0, 1], "best_loss", "best loss")):
         lows = []
@@ -540,15 +543,22 @@ def plot_task(data: SweepData, task: str, cs: Dict[Tuple[str, str, float], Cell]
                 cap = 1.1 * max(fin) if fin else 1.0
             clip = lambda v: np.minimum(np.where(np.isfinite(v), v, cap), cap)  # noqa: E731
             col = colors(i % 10)
-            ax.plot(xs, clip(np.array(med)), "-o", color=col, ms=4, lw=1.5,
-                    label=c, alpha=0.9)
+            # configurations side by side around each LR, so equal curves stay visible
+            xs = [x * dodge ** (i - (len(cfgs) - 1) / 2) for x in xs]
+            ax.plot(xs, clip(np.array(med)), "-", marker=markers[i % len(markers)],
+                    color=col, ms=4, lw=1.5, label=c, alpha=0.9)
             ax.fill_between(xs, clip(np.array(lo)), clip(np.array(hi)), color=col,
                             alpha=0.12, lw=0)
+            ax.vlines(xs, clip(np.array(lo)), clip(np.array(hi)), color=col, lw=0.8,
+                      alpha=0.6)
             for x, m, d in zip(xs, clip(np.array(med)), div):
                 if d:
                     ax.plot([x], [m], marker="x", color=col, ms=9, mew=2)
             lows += [v for v in lo if math.isfinite(v)]
         ax.set_xscale("log")
+        if thr is not None:
+            ax.axhline(float(thr), color="#d62728", ls="--", lw=0.8,
+                       label="divergence threshold" if key == "final_loss" else None)
         if ceiling is not None:
             ax.axhline(ceiling / 1.15, color="grey", ls=":", lw=1)
             bottom = min(lows) if lows else None
@@ -683,9 +693,11 @@ def build_sweep_report(sweep_dir: str, out_dir: Optional[str] = None, *,
           f"when its final loss is not finite or above the task's threshold (the "
           f"`diverge_loss` of the task, listed with it), or, for tasks without one, not "
           f"below its initial loss (mean of the first 3 steps).",
-          "- Plots: solid line = median over seeds, shaded = min-max over seeds; values "
-          "above the dotted line (the initial loss) are drawn at the top edge; a cross marks "
-          "a cell where some seed diverged.", ""]
+          "- Plots: solid line = median over seeds, shaded band and vertical bar = min-max "
+          "over seeds (configurations are drawn slightly apart around each LR so that equal "
+          "curves stay visible); values above the dotted line (the initial loss) are drawn "
+          "at the top edge; the red dashed line is the task's divergence threshold; a cross "
+          "marks a cell where some seed diverged.", ""]
     md = os.path.join(out_dir, "report.md")
     with open(md, "w", encoding="utf-8") as f:
         f.write("\n".join(L))
