@@ -9,7 +9,7 @@ from .core.stats import GradStats, grad_stats
 from . import policies
 from .optim import StableOptimizer
 from .patch import TorchPatch, patch_torch
-from . import presets, sweep  # sweep: the package, callable as gradstats.sweep(...)
+from . import optim_extras, presets, sweep  # sweep: callable as gradstats.sweep(...)
 from .version import __version__
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "get_total_norm",
     "grad_stats",
     "patch_torch",
+    "optim_extras",
     "policies",
     "presets",
     "sweep",

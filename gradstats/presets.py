@@ -1,52 +1,56 @@
 """Presets: one line for a StableOptimizer with settings earned on the stability benchmark.
 
-    >>> opt = gradstats.presets.recommended(torch.optim.AdamW(model.parameters(), lr=3e-4,
-    ...                                                       fused=True))
+    >>> opt = gradstats.presets.recommended_adamw(model.parameters(), lr=3e-4,
+    ...                                           betas=(0.9, 0.95), weight_decay=0.1)
+    >>> opt = gradstats.presets.recommended(torch.optim.AdamW(model.parameters(), lr=3e-4))
     >>> loss.backward(); opt.step(loss=loss); opt.zero_grad()
 
-The settings and the numbers behind each of them are in ``benchmarks/stability/README.md``
+* :func:`recommended` wraps *your* optimizer (any ``torch.optim.Optimizer``) with the
+  gradient-side settings (:func:`recommended_kwargs`): skip NaN/Inf steps, clip the global
+  norm to 1.0 like ``torch.nn.utils.clip_grad_norm_``, skip gradient-norm spikes from the
+  17th step on (``SpikeSkip(window=64, k=4, warmup=16)``).
+* :func:`recommended_adamw` builds the whole preset for AdamW users: the same wrapper
+  around :class:`gradstats.optim_extras.StableAdamW` (AdamW with per-tensor update
+  clipping), which on the benchmark also helped at the edge of the stable learning-rate
+  range, where gradient-side policies do nothing for Adam.
+
+The numbers behind each setting are in ``benchmarks/stability/README.md``
 (``python benchmarks/stability/run.py``).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 from torch.optim import Optimizer
 
 from . import policies as P
 from .optim import StableOptimizer
+from .optim_extras import StableAdamW
 
-__all__ = ["recommended", "recommended_kwargs", "recommended_inner", "describe",
-           "PRESET_KEYS"]
+__all__ = ["recommended", "recommended_adamw", "recommended_kwargs", "recommended_inner",
+           "describe", "PRESET_KEYS"]
 
 #: the preset's own knobs (everything else passed to :func:`recommended` goes to
 #: :class:`~gradstats.StableOptimizer`)
 PRESET_KEYS = ("max_norm", "spike", "spike_warmup", "spike_window", "spike_k")
 
-_DEFAULTS: Dict[str, Any] = {
-    "max_norm": 1.0,
-    "spike": True,
-    "spike_warmup": 16,
-    "spike_window": 64,
-    "spike_k": 4.0,
-}
 
-
-def recommended_kwargs(*, max_norm: Optional[float] = _DEFAULTS["max_norm"],
-                       spike: bool = _DEFAULTS["spike"],
-                       spike_warmup: int = _DEFAULTS["spike_warmup"],
-                       spike_window: int = _DEFAULTS["spike_window"],
-                       spike_k: float = _DEFAULTS["spike_k"]) -> Dict[str, Any]:
+def recommended_kwargs(*, max_norm: Optional[float] = 1.0, spike: bool = True,
+                       spike_warmup: int = 16, spike_window: int = 64,
+                       spike_k: float = 4.0) -> Dict[str, Any]:
     """The recommended :class:`~gradstats.StableOptimizer` keyword arguments (fresh policy
     objects on every call).
 
     Args:
         max_norm: clip the global gradient norm to this value (torch's rule);
-            ``None``: no clipping.
-        spike: skip steps whose gradient norm is a spike (:class:`~gradstats.policies.SpikeSkip`).
-        spike_warmup: steps recorded before spikes are skipped.
-        spike_window: rolling window of the spike rule.
-        spike_k: standard deviations above the window mean that make a spike.
+            ``None``: no clipping. Default: 1.0.
+        spike: skip steps whose gradient norm is a spike
+            (:class:`~gradstats.policies.SpikeSkip`). Default: True.
+        spike_warmup: steps recorded before spikes are skipped. Default: 16 (the
+            policy's own default, 64, let a spike at step 30 through on the benchmark).
+        spike_window: rolling window of the spike rule. Default: 64.
+        spike_k: standard deviations above the window mean that make a spike. Default: 4
+            (6 missed half of the corrupted batches after the first skipped one).
 
     Returns:
         a dict with ``policy``, ``spike`` and ``skip_nonfinite``.
@@ -61,22 +65,29 @@ def recommended_kwargs(*, max_norm: Optional[float] = _DEFAULTS["max_norm"],
     return kw
 
 
-def recommended_inner() -> Optional[Any]:
-    """The optimizer class the preset replaces AdamW with in a sweep, or ``None`` (the
-    preset keeps the user's optimizer)."""
-    return None
+def recommended_inner() -> type:
+    """The optimizer class the full preset uses in place of AdamW
+    (:class:`~gradstats.optim_extras.StableAdamW`)."""
+    return StableAdamW
 
 
 def describe() -> str:
-    """The preset in one line."""
+    """The gradient-side preset in one line."""
     kw = recommended_kwargs()
     return (f"policy={kw['policy']!r}, spike={kw['spike']!r}, "
             f"skip_nonfinite={kw['skip_nonfinite']}")
 
 
+def _split(overrides: Dict[str, Any]) -> Dict[str, Any]:
+    preset = {k: overrides.pop(k) for k in list(overrides) if k in PRESET_KEYS}
+    kw = recommended_kwargs(**preset)
+    kw.update(overrides)
+    return kw
+
+
 def recommended(optimizer: Optimizer, **overrides: Any) -> StableOptimizer:
     """Wrap ``optimizer`` in a :class:`~gradstats.StableOptimizer` with the recommended
-    settings.
+    gradient-side settings (:func:`recommended_kwargs`).
 
     Args:
         optimizer: the inner optimizer (any ``torch.optim.Optimizer``).
@@ -97,7 +108,30 @@ def recommended(optimizer: Optimizer, **overrides: Any) -> StableOptimizer:
         >>> opt = gradstats.presets.recommended(torch.optim.AdamW(model.parameters()),
         ...                                     log="run.jsonl")
     """
-    preset = {k: overrides.pop(k) for k in list(overrides) if k in PRESET_KEYS}
-    kw = recommended_kwargs(**preset)
-    kw.update(overrides)
-    return StableOptimizer(optimizer, **kw)
+    return StableOptimizer(optimizer, **_split(dict(overrides)))
+
+
+def recommended_adamw(params: Iterable[Any], lr: float = 1e-3, *,
+                      betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                      weight_decay: float = 1e-2, **overrides: Any) -> StableOptimizer:
+    """The full preset for AdamW users: :class:`~gradstats.optim_extras.StableAdamW`
+    (AdamW with per-tensor update clipping) wrapped like :func:`recommended`.
+
+    Args:
+        params: parameters or parameter groups.
+        lr, betas, eps, weight_decay: AdamW's arguments.
+        overrides: as in :func:`recommended`.
+
+    Returns:
+        the wrapped optimizer (``opt.optimizer`` is the StableAdamW).
+
+    Raises:
+        ValueError: an invalid argument.
+
+    Example::
+
+        >>> opt = gradstats.presets.recommended_adamw(model.parameters(), lr=3e-4,
+        ...                                           weight_decay=0.1)
+    """
+    inner = StableAdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    return recommended(inner, **overrides)

@@ -13,7 +13,8 @@ import gradstats
 from gradstats import policies as P
 from gradstats.cli import main as cli_main
 from gradstats.report import sweep as rs
-from gradstats.sweep import Arm, RunConfig, parse_arm, resolve_arms
+from gradstats.optim_extras import StableAdamW
+from gradstats.sweep import Arm, RunConfig, builtin_arms, parse_arm, resolve_arms
 from gradstats.telemetry import read_log
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -150,8 +151,9 @@ def test_parse_arm_specs():
     assert parse_arm("x=NoSkip()+FixedNorm(2.0)").kwargs["skip_nonfinite"] is False
     assert parse_arm("zscore").name == "zscore"
     assert parse_arm("mine=recommended").name == "mine"
-    rec = parse_arm("r=Recommended(max_norm=2.0)").kwargs
-    assert rec["policy"].max_norm == 2.0
+    rec = parse_arm("r=Recommended(max_norm=2.0)")
+    assert rec.kwargs["policy"].max_norm == 2.0 and rec.inner is StableAdamW
+    assert parse_arm("RecommendedGrad(spike_k=6)").inner is None
     for bad, msg in [("ZScoreClip(warmup=x)", "literals"), ("Foo()", "unknown item"),
                      ("TorchClip(1.0)+FixedNorm(1.0)", "cannot be combined"),
                      ("1+", "cannot parse"), ("ZScoreClip(warmup=-1)", "warmup")]:
@@ -289,3 +291,15 @@ def test_report_reads_unfinished_sweep(tmp_path):
     assert any("line 2" in p for p in rep.problems)
     with pytest.raises(FileNotFoundError):
         rs.load_sweep(str(tmp_path))
+
+
+def test_inner_substitution_only_replaces_adamw(tmp_path):
+    arm = builtin_arms()["recommended"]
+    m = torch.nn.Linear(4, 2)
+    for cls, want in ((None, StableAdamW), (torch.optim.AdamW, StableAdamW),
+                      (torch.optim.SGD, torch.optim.SGD)):
+        rc = RunConfig("t", arm.name, 0.1, 0, 5, {}, str(tmp_path / f"{want.__name__}.jsonl"),
+                       arm)
+        opt = rc.optimizer(m.parameters(), cls=cls)
+        assert type(opt.optimizer) is want
+        rc.close()

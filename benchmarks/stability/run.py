@@ -5,6 +5,7 @@ update-level arm), run with the sweep engine (``gradstats.sweep``).
     python benchmarks/stability/run.py --workers 2 --out /tmp/stability     # the benchmark
     python benchmarks/stability/run.py --study defaults --out /tmp/defaults  # policy settings
     python benchmarks/stability/run.py --study spike-record --out /tmp/spikerec
+    python benchmarks/stability/run.py --study confirm --seeds 10 --out /tmp/confirm
     python benchmarks/stability/run.py --quick --out /tmp/stab_quick        # < 1 min slice
 
 Each run writes a stats log; the engine writes ``sweep.json`` and the LR-sensitivity
@@ -20,10 +21,10 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:  # stable_adamw is imported by name in the worker processes too
+if HERE not in sys.path:  # spike_clamped is imported by name in the worker processes too
     sys.path.insert(0, HERE)
 
 import numpy as np  # noqa: E402
@@ -34,8 +35,8 @@ from gradstats import presets  # noqa: E402
 from gradstats.report.sweep import (build_sweep_report, cells, load_sweep,  # noqa: E402
                                     lr_label, paired_difference, stable_range)
 from gradstats.sweep import Arm, builtin_arms  # noqa: E402
+from gradstats.optim_extras import StableAdamW  # noqa: E402
 from spike_clamped import SpikeSkipClamped  # noqa: E402
-from stable_adamw import StableAdamW  # noqa: E402
 
 #: scenario -> LR grid (peak learning rates of AdamW)
 SCENARIOS: Dict[str, Sequence[float]] = {
@@ -50,15 +51,18 @@ SCENARIOS: Dict[str, Sequence[float]] = {
 
 
 def main_arms() -> List[Arm]:
-    """The benchmark's arms."""
+    """The benchmark's arms. ``recommended`` is the full preset
+    (:func:`gradstats.presets.recommended_adamw`: the gradient-side settings around
+    StableAdamW); ``recommended-grad`` the gradient side alone around AdamW
+    (:func:`gradstats.presets.recommended`); ``update-clip`` StableAdamW alone."""
     b = builtin_arms()
     return [b["none"], b["torch-clip"], b["fixed"], b["zscore"], b["quantile"], b["spike"],
-            b["recommended"],
+            Arm("recommended-grad", kwargs=presets.recommended_kwargs(),
+                description="gradstats.presets.recommended(AdamW): " + presets.describe()),
             Arm("update-clip", clip="none", inner=StableAdamW,
-                description="StableAdamW: AdamW with per-tensor update-RMS clipping "
-                            "(Wortsman et al. 2023), no gradient clipping"),
-            Arm("update-clip+rec", kwargs=presets.recommended_kwargs(), inner=StableAdamW,
-                description="StableAdamW inside the recommended preset")]
+                description="StableAdamW (per-tensor update-RMS clipping, Wortsman et al. "
+                            "2023), no gradient clipping"),
+            b["recommended"]]
 
 
 def study_arms() -> List[Arm]:
@@ -100,6 +104,22 @@ def spike_record_arms() -> List[Arm]:
 
 
 SPIKE_RECORD_SCENARIOS = {"label-noise": (3e-2, 1e-1), "spike": (3e-2, 1e-1)}
+
+
+def confirm_arms() -> List[Arm]:
+    """``--study confirm``: fresh seeds (5..14) for the two effects the main run suggested
+    (update clipping at the edge of the stable range; ZScoreClip's warm-up letting early
+    corrupted batches through)."""
+    b = builtin_arms()
+    return [b["torch-clip"],
+            Arm("recommended-grad", kwargs=presets.recommended_kwargs(),
+                description="gradstats.presets.recommended(AdamW): " + presets.describe()),
+            b["recommended"], b["zscore"],
+            Arm("zscore-w10", kwargs={"policy": P.ZScoreClip(warmup=10)})]
+
+
+CONFIRM_SCENARIOS = {"tiny-lm": (2e-1, 3e-1), "high-lr": (1e-1, 2e-1),
+                     "label-noise": (3e-2, 1e-1)}
 
 
 # ============================================================================ verdicts
@@ -166,8 +186,11 @@ def verdicts(out: str, baseline: str = "torch-clip") -> str:
 
 
 #: seed-paired comparisons tabulated cell by cell in verdicts.md
-PAIRS = (("recommended", "torch-clip"), ("fixed", "torch-clip"),
-         ("update-clip+rec", "recommended"), ("spike", "torch-clip"),
+PAIRS = (("recommended", "torch-clip"), ("recommended-grad", "torch-clip"),
+         ("fixed", "torch-clip"), ("recommended", "recommended-grad"),
+         ("update-clip", "none"),
+         ("none", "torch-clip"), ("zscore", "torch-clip"), ("zscore-w10", "zscore"),
+         ("quantile", "torch-clip"), ("spike", "torch-clip"),
          ("clamped-w16-k6", "spike-w16-k6"))
 
 
@@ -222,6 +245,8 @@ def run(out: str, *, study: str = "main", quick: bool = False, workers: int = 2,
         grid, arms = dict(STUDY_SCENARIOS), study_arms()
     elif study == "spike-record":
         grid, arms = dict(SPIKE_RECORD_SCENARIOS), spike_record_arms()
+    elif study == "confirm":
+        grid, arms = dict(CONFIRM_SCENARIOS), confirm_arms()
     else:
         raise ValueError(f"study must be 'main', 'defaults' or 'spike-record', got "
                          f"{study!r}")
@@ -238,6 +263,7 @@ def run(out: str, *, study: str = "main", quick: bool = False, workers: int = 2,
             raise ValueError(f"unknown scenarios {sorted(unknown)}; known: {sorted(grid)}")
         grid = {k: grid[k] for k in scenarios}
     seeds = seeds or (3 if study == "defaults" else 5)
+    seed_list: Any = list(range(5, 5 + seeds)) if study == "confirm" else seeds
     t0 = time.perf_counter()
     # one sweep per distinct LR grid (the engine takes one grid per call)
     by_grid: Dict[Sequence[float], List[str]] = {}
@@ -246,7 +272,7 @@ def run(out: str, *, study: str = "main", quick: bool = False, workers: int = 2,
     os.makedirs(out, exist_ok=True)
     first = True
     for lrs, names in by_grid.items():
-        gradstats.sweep(task=names, lrs=list(lrs), seeds=seeds, configs=arms, out=out,
+        gradstats.sweep(task=names, lrs=list(lrs), seeds=seed_list, configs=arms, out=out,
                         workers=workers, report=False, progress=progress,
                         resume=resume or not first, steps=steps)
         first = False
@@ -293,7 +319,8 @@ def _merge_summary(out: str, order: List[str], arms: List[Arm], elapsed: float) 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(HERE, "out"), help="output directory")
-    ap.add_argument("--study", choices=["main", "defaults", "spike-record"], default="main")
+    ap.add_argument("--study", choices=["main", "defaults", "spike-record", "confirm"],
+                    default="main")
     ap.add_argument("--quick", action="store_true", help="a slice that runs in < 1 min")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seeds", type=int, default=None)

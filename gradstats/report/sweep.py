@@ -517,7 +517,7 @@ def plot_task(data: SweepData, task: str, cs: Dict[Tuple[str, str, float], Cell]
     inits = [r["initial_loss"] for r in data.rows if r["task"] == task
              and math.isfinite(r["initial_loss"])]
     ceiling = 1.15 * max(inits) if inits else None
-    markers = "osD^vP*X<>"
+    markers = "osD^vP<>hd"
     dodge = 1.04
     thr = ((data.meta.get("tasks") or {}).get(task) or {}).get("diverge_loss")
     for ax, key, title in ((axes[0, 0], "final_loss", "final loss"),

@@ -8,7 +8,8 @@ Spec strings (``NAME=SPEC`` on the command line; :func:`parse_arm`): items joine
   ``QuantileClip(0.9)``, ``AdaptiveGradClip(0.01)`` (chained in order into ``policy=``)
   and ``SpikeSkip(warmup=16)`` (``spike=``);
 * ``NoSkip()``: ``skip_nonfinite=False``;
-* ``Recommended(**overrides)``: :func:`gradstats.presets.recommended_kwargs`;
+* ``Recommended(**overrides)``: the full preset (:func:`gradstats.presets.recommended_kwargs`
+  around StableAdamW); ``RecommendedGrad(**overrides)``: the gradient side alone;
 * baselines: ``TorchClip(1.0)`` (``torch.nn.utils.clip_grad_norm_`` then the optimizer's
   step) and ``NoClip()`` (the optimizer alone). Both are logged like a StableOptimizer.
 
@@ -46,9 +47,10 @@ class Arm:
             ``policy``, ``spike``, ``skip_nonfinite``, ...); policy objects are copied for
             every run.
         max_norm: the threshold of ``clip="torch"``.
-        inner: an optimizer class (or factory ``f(params, **kw)``) that replaces the one
-            the training function asks :meth:`RunConfig.optimizer` for; for update-level
-            techniques (e.g. StableAdamW). Must be importable by name in worker processes.
+        inner: an optimizer class (or factory ``f(params, **kw)``) that replaces AdamW
+            when the training function asks :meth:`RunConfig.optimizer` for AdamW (the
+            default); for update-level techniques (e.g. StableAdamW). Must be importable
+            by name in worker processes.
         description: one line for the report.
 
     Raises:
@@ -97,7 +99,9 @@ def builtin_arms() -> Dict[str, Arm]:
 
     ``none``, ``torch-clip`` (max_norm 1.0), ``fixed`` (``StableOptimizer(max_norm=1.0)``),
     ``zscore``, ``quantile``, ``spike`` (each policy with its defaults; ``spike`` alone,
-    no clipping), ``recommended`` (:func:`gradstats.presets.recommended_kwargs`).
+    no clipping), ``recommended`` (the full preset,
+    :func:`gradstats.presets.recommended_adamw`: :func:`~gradstats.presets.recommended_kwargs`
+    around StableAdamW where the task asks for AdamW).
     """
     arms = [
         Arm("none", clip="none"),
@@ -108,7 +112,8 @@ def builtin_arms() -> Dict[str, Arm]:
         Arm("spike", kwargs={"spike": P.SpikeSkip()}),
         Arm("recommended", kwargs=presets.recommended_kwargs(),
             inner=presets.recommended_inner(),
-            description="gradstats.presets.recommended(): " + presets.describe()),
+            description="gradstats.presets.recommended_adamw(): StableAdamW (update "
+                        "clipping) in place of AdamW, " + presets.describe()),
     ]
     return {a.name: a for a in arms}
 
@@ -117,7 +122,8 @@ _POLICIES: Dict[str, Callable[..., Any]] = {
     "FixedNorm": P.FixedNorm, "ZScoreClip": P.ZScoreClip, "QuantileClip": P.QuantileClip,
     "AdaptiveGradClip": P.AdaptiveGradClip,
 }
-_CALLS = tuple(_POLICIES) + ("SpikeSkip", "NoSkip", "Recommended", "TorchClip", "NoClip")
+_CALLS = tuple(_POLICIES) + ("SpikeSkip", "NoSkip", "Recommended", "RecommendedGrad",
+                              "TorchClip", "NoClip")
 
 
 def _items(node: ast.AST) -> List[ast.Call]:
@@ -172,9 +178,10 @@ def parse_arm(spec: str, name: Optional[str] = None) -> Arm:
             kwargs["spike"] = P.SpikeSkip(*args, **kw)
         elif fn == "NoSkip":
             kwargs["skip_nonfinite"] = False
-        elif fn == "Recommended":
+        elif fn in ("Recommended", "RecommendedGrad"):
             kwargs.update(presets.recommended_kwargs(*args, **kw))
-            inner = presets.recommended_inner()
+            if fn == "Recommended":
+                inner = presets.recommended_inner()
         elif fn == "TorchClip":
             clip, max_norm = "torch", float(args[0] if args else kw.get("max_norm", 1.0))
         elif fn == "NoClip":

@@ -110,8 +110,9 @@ class RunConfig:
     # ------------------------------------------------------------------ building
     def optimizer(self, params: Any, cls: Optional[Callable[..., Optimizer]] = None, *,
                   param_names: Any = None, **kwargs: Any) -> Optimizer:
-        """Build ``cls(params, lr=self.lr, **kwargs)`` (default ``torch.optim.AdamW``; the
-        configuration may substitute its own class) and wrap it (:meth:`wrap`).
+        """Build ``cls(params, lr=self.lr, **kwargs)`` (default ``torch.optim.AdamW``; a
+        configuration with an ``inner`` class, e.g. the recommended preset's StableAdamW,
+        replaces AdamW — and only AdamW) and wrap it (:meth:`wrap`).
 
         Args:
             params: parameters or parameter groups.
@@ -119,7 +120,9 @@ class RunConfig:
             param_names: ``model.named_parameters()`` for the log.
             kwargs: other optimizer arguments (``betas``, ``weight_decay``, ``fused``...).
         """
-        factory = self.arm.inner or cls or torch.optim.AdamW
+        cls = cls or torch.optim.AdamW
+        factory = self.arm.inner if (self.arm.inner is not None
+                                     and cls is torch.optim.AdamW) else cls
         inner = factory(params, lr=self.lr, **kwargs)
         return self.wrap(inner, param_names=param_names)
 
