@@ -9,6 +9,7 @@ from .core.stats import GradStats, grad_stats
 from . import noise_scale, policies
 from .optim import StableOptimizer
 from .patch import TorchPatch, patch_torch
+from . import optim_extras, presets, sweep  # sweep: callable as gradstats.sweep(...)
 from .version import __version__
 
 __all__ = [
@@ -23,6 +24,9 @@ __all__ = [
     "grad_stats",
     "noise_scale",
     "patch_torch",
+    "optim_extras",
     "policies",
+    "presets",
+    "sweep",
     "__version__",
 ]

@@ -22,7 +22,7 @@ FLOORS = {
     "gradstats.clip": 3, "gradstats.patch": 3.5,
     "gradstats.policies": 4,
     "gradstats.telemetry": 5,
-    "gradstats.optim": 6,
+    "gradstats.optim": 6, "gradstats.optim_extras": 6,
     "gradstats.report": 7,
     "gradstats.distributed": 8, "gradstats.noise_scale": 8, "gradstats.presets": 8,
     "gradstats.sweep": 8.5,

@@ -1,4 +1,4 @@
-"""The ``gradstats`` command (also ``python -m gradstats``): info, demo, bench, report."""
+"""The ``gradstats`` command (also ``python -m gradstats``): info, demo, bench, report, sweep."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,8 @@ import os
 import platform
 import sys
 from typing import List, Optional
+
+from ..sweep.cli import add_arguments as sweep_arguments
 
 
 def _version(mod: str) -> str:
@@ -101,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench_out", help="folder of bench.json")
     p.add_argument("--json", default=None, help="JSON output path (overrides --out)")
     p.set_defaults(fn=lambda a: _delegate("gradstats.cli.bench", a))
+    p = sub.add_parser("sweep", help="learning rates x seeds x configurations, with an "
+                       "LR-sensitivity report",
+                       description="Run a training task over learning rates x seeds x "
+                       "configurations (StableOptimizer settings, torch's clip, no "
+                       "clipping) in parallel worker processes; write a stats log per run, "
+                       "sweep.json and the report (OUT/report).")
+    sweep_arguments(p)
+    p.set_defaults(fn=lambda a: _delegate("gradstats.sweep.cli", a))
     return ap
 
 

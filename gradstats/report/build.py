@@ -42,6 +42,7 @@ from ..telemetry.reader import read_log
 from .noise import noise_section
 from .plots import plot_overlay, plot_run, plot_spread
 from .runs import Run, load_run
+from . import sweep as sweep_report
 from .signals import (CLIP_RATE, SEED_SPREAD, SPIKE_RATIO, SPIKE_WINDOW, SPIKE_Z,
                       VANISH_FACTOR, VAR_RISE, VAR_RISE_NO_DIV, VAR_WINDOW, final_value)
 from .signals import SPIKE_MIN_HISTORY  # noqa: F401  (public, re-exported)
@@ -327,6 +328,16 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(f"--out {out} is a file, not a folder; give a folder for report.md "
                      f"and the plots")
     logs = list(args.logs)
+    sweeps = [p for p in logs if sweep_report.is_sweep_dir(p)]
+    if sweeps:  # a sweep directory (gradstats sweep): the LR-sensitivity report
+        if len(logs) > 1:
+            return _fail("give one sweep directory, or stats logs")
+        try:
+            srep = sweep_report.build_sweep_report(sweeps[0], out)
+        except (OSError, ValueError) as e:
+            return _fail(f"cannot report on the sweep {sweeps[0]} ({_one_line(e)})")
+        print(f"report: {srep.markdown}\nplots:  {', '.join(srep.plots)}")
+        return 0
     usable = [p for p in logs if os.path.isfile(p)]
     if not usable:  # nothing to report on: say why, write nothing
         _, errors = _read_logs(logs)
