@@ -29,10 +29,6 @@ __global__ void decide_kernel(Inputs in, Program p, Layout layout, float* out, i
   fi[0] = out[layout.found_inf];
 }
 
-template <typename T>
-const T* opt_ptr(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
-}
 
 }  // namespace
 
@@ -43,12 +39,9 @@ DecideOut decide_cuda(const at::Tensor& norm, const at::Tensor& total, const at:
                       const std::optional<at::Tensor>& has_grads, at::Tensor& fstate,
                       at::Tensor& istate, const at::Tensor& table, const at::Tensor& params,
                       c10::IntArrayRef meta, double one_minus_alpha) {
-  const Meta m = unpack_meta(meta);
-  check_inputs(norm, total, max_abs, fstate, istate, table, params, m);
-  check_optional(loss, norm, "loss", at::kFloat, 1);
-  check_optional(amp_scale, norm, "amp_scale", at::kFloat, 1);
-  check_optional(amp_found, norm, "amp_found", at::kFloat, 1);
-  check_optional(has_grads, norm, "has_grads", at::kBool, m.G);
+  Inputs in;
+  const Meta m = check_and_bind(norm, total, max_abs, loss, amp_scale, amp_found, has_grads,
+                                fstate, istate, table, params, meta, one_minus_alpha, &in);
   const c10::cuda::CUDAGuard guard(norm.device());
   auto f32 = at::TensorOptions().dtype(at::kFloat).device(norm.device());
   at::Tensor outf = at::zeros({m.out_size}, f32);
@@ -59,10 +52,6 @@ DecideOut decide_cuda(const at::Tensor& norm, const at::Tensor& total, const at:
   at::Tensor work = at::empty({(m.G > 0 ? m.G : 1) + (m.max_history > 0 ? m.max_history : 1)},
                               f32);
   float* coef = work.mutable_data_ptr<float>();
-  Inputs in{norm.const_data_ptr<float>(), total.const_data_ptr<float>(),
-            max_abs.const_data_ptr<float>(), opt_ptr<float>(loss), opt_ptr<float>(amp_scale),
-            opt_ptr<float>(amp_found), opt_ptr<bool>(has_grads), m.G,
-            static_cast<int32_t>(m.num_ops), m.epilogue, static_cast<float>(one_minus_alpha)};
   Program p{table.const_data_ptr<int32_t>(), params.const_data_ptr<float>(),
             fstate.mutable_data_ptr<float>(), istate.mutable_data_ptr<int64_t>(),
             coef + (m.G > 0 ? m.G : 1)};

@@ -11,14 +11,6 @@
 
 namespace gradstats {
 namespace decide {
-namespace {
-
-template <typename T>
-const T* opt_ptr(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
-}
-
-}  // namespace
 
 DecideOut decide_cpu(const at::Tensor& norm, const at::Tensor& total, const at::Tensor& max_abs,
                      const std::optional<at::Tensor>& loss,
@@ -27,12 +19,9 @@ DecideOut decide_cpu(const at::Tensor& norm, const at::Tensor& total, const at::
                      const std::optional<at::Tensor>& has_grads, at::Tensor& fstate,
                      at::Tensor& istate, const at::Tensor& table, const at::Tensor& params,
                      c10::IntArrayRef meta, double one_minus_alpha) {
-  const Meta m = unpack_meta(meta);
-  check_inputs(norm, total, max_abs, fstate, istate, table, params, m);
-  check_optional(loss, norm, "loss", at::kFloat, 1);
-  check_optional(amp_scale, norm, "amp_scale", at::kFloat, 1);
-  check_optional(amp_found, norm, "amp_found", at::kFloat, 1);
-  check_optional(has_grads, norm, "has_grads", at::kBool, m.G);
+  Inputs in;
+  const Meta m = check_and_bind(norm, total, max_abs, loss, amp_scale, amp_found, has_grads,
+                                fstate, istate, table, params, meta, one_minus_alpha, &in);
   TORCH_CHECK(norm.device().is_cpu(), "gradstats.decide (CPU): tensors must be on the CPU");
   auto f32 = at::TensorOptions().dtype(at::kFloat);
   at::Tensor outf = at::empty({m.out_size}, f32);
@@ -44,10 +33,6 @@ DecideOut decide_cpu(const at::Tensor& norm, const at::Tensor& total, const at::
   float* out = outf.mutable_data_ptr<float>();
   // fields the program does not write in this mode keep a defined value
   for (int64_t i = 0; i < m.out_size; ++i) out[i] = 0.0f;
-  Inputs in{norm.const_data_ptr<float>(), total.const_data_ptr<float>(),
-            max_abs.const_data_ptr<float>(), opt_ptr<float>(loss), opt_ptr<float>(amp_scale),
-            opt_ptr<float>(amp_found), opt_ptr<bool>(has_grads), m.G,
-            static_cast<int32_t>(m.num_ops), m.epilogue, static_cast<float>(one_minus_alpha)};
   Program p{table.const_data_ptr<int32_t>(), params.const_data_ptr<float>(),
             fstate.mutable_data_ptr<float>(), istate.mutable_data_ptr<int64_t>(),
             scratch.data()};

@@ -84,5 +84,34 @@ inline void check_optional(const std::optional<at::Tensor>& t, const at::Tensor&
 
 using DecideOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+template <typename T>
+const T* opt_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+// Checks every argument of the decide op (device, dtype, size) and unpacks `meta`;
+// returns the program's Meta and fills `in` with the input pointers.
+inline Meta check_and_bind(const at::Tensor& norm, const at::Tensor& total,
+                           const at::Tensor& max_abs, const std::optional<at::Tensor>& loss,
+                           const std::optional<at::Tensor>& amp_scale,
+                           const std::optional<at::Tensor>& amp_found,
+                           const std::optional<at::Tensor>& has_grads,
+                           const at::Tensor& fstate, const at::Tensor& istate,
+                           const at::Tensor& table, const at::Tensor& params,
+                           c10::IntArrayRef meta, double one_minus_alpha, Inputs* in) {
+  const Meta m = unpack_meta(meta);
+  check_inputs(norm, total, max_abs, fstate, istate, table, params, m);
+  check_optional(loss, norm, "loss", at::kFloat, 1);
+  check_optional(amp_scale, norm, "amp_scale", at::kFloat, 1);
+  check_optional(amp_found, norm, "amp_found", at::kFloat, 1);
+  check_optional(has_grads, norm, "has_grads", at::kBool, m.G);
+  *in = Inputs{norm.const_data_ptr<float>(), total.const_data_ptr<float>(),
+               max_abs.const_data_ptr<float>(), opt_ptr<float>(loss), opt_ptr<float>(amp_scale),
+               opt_ptr<float>(amp_found), opt_ptr<bool>(has_grads), m.G,
+               static_cast<int32_t>(m.num_ops), m.epilogue,
+               static_cast<float>(one_minus_alpha)};
+  return m;
+}
+
 }  // namespace decide
 }  // namespace gradstats

@@ -95,13 +95,14 @@ from . import amp
 from .apply import folded_step, host_step, needs_closure, takes_grad_scale
 from .measure import StepResult, measure_decide
 from .record import StepRecord
+from .wrapper import WrappedOptimizer
 
 __all__ = ["StableOptimizer", "StepRecord"]
 
 _F32 = torch.float32
 
 
-class StableOptimizer(Optimizer):
+class StableOptimizer(WrappedOptimizer):
     r"""Wrap any optimizer: fused gradient statistics, clipping policies, lossless skips.
 
     The wrapper shares ``param_groups``, ``state`` and ``defaults`` with the inner
@@ -196,11 +197,11 @@ class StableOptimizer(Optimizer):
                              "policy=gradstats.policies.FixedNorm(x))")
         if max_norm is not None:
             policy = FixedNorm(check_max_norm(max_norm))
+        self._wrap(optimizer)  # param_groups/state/defaults are the inner optimizer's
         if spike is True:
             spike = SpikeSkip()
         elif spike is False:
             spike = None
-        self.optimizer = optimizer
         self.norm_type = check_norm_type(norm_type)
         self.policy: Optional[Policy] = as_policy(policy, "policy")
         self.spike: Optional[Policy] = as_policy(spike, "spike")
@@ -226,52 +227,12 @@ class StableOptimizer(Optimizer):
         self._program_key: Any = None
         self._has_grads: Dict[Tuple[int, ...], Optional[Tensor]] = {}
 
-        # Optimizer plumbing, without Optimizer.__init__ (it would copy the groups).
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
         # GradScaler.step() hands us grad_scale/found_inf instead of syncing on found_inf.
         self._step_supports_amp_scaling = True
 
         self._program_for(len(self.param_groups), self._param_device())
         if log is not None:
             self.log = telemetry.attach(self, log)
-
-    # ------------------------------------------------------------ shared optimizer views
-    @property
-    def param_groups(self) -> List[Dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: List[Dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self):  # type: ignore[override]
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self) -> Dict[str, Any]:  # type: ignore[override]
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: Dict[str, Any]) -> None:
-        self.optimizer.defaults = value
-
-    def __getstate__(self) -> Dict[str, Any]:
-        return dict(self.__dict__)
-
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._patch_step_function()
 
     def __repr__(self) -> str:
         parts = [f"optimizer={self.optimizer.__class__.__name__}"]
@@ -345,10 +306,6 @@ class StableOptimizer(Optimizer):
         return self._program.running
 
     # ----------------------------------------------------------------- optimizer API
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """``zero_grad`` of the inner optimizer."""
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add a group to the inner optimizer; per-group statistics grow with it."""
         self.optimizer.add_param_group(param_group)

@@ -15,12 +15,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import telemetry
+from ..optim.wrapper import WrappedOptimizer
 from ..core.stats import grad_stats
 
 __all__ = ["BaselineOptimizer"]
 
 
-class BaselineOptimizer(Optimizer):
+class BaselineOptimizer(WrappedOptimizer):
     """The inner optimizer alone (``max_norm=None``) or after torch's clip, with a stats log.
 
     Shares ``param_groups`` and ``state`` with the inner optimizer, like StableOptimizer,
@@ -42,7 +43,7 @@ class BaselineOptimizer(Optimizer):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
-        self.optimizer = optimizer
+        self._wrap(optimizer)
         self.max_norm = None if max_norm is None else float(max_norm)
         self.log = None
         if log is not None:
@@ -51,40 +52,6 @@ class BaselineOptimizer(Optimizer):
                                       param_names=param_names)
         self._hooks: "OrderedDict[int, Callable]" = OrderedDict()
         self._counts: Dict[str, Any] = {}
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
-
-    @property
-    def param_groups(self) -> List[Dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: List[Dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self):  # type: ignore[override]
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self) -> Dict[str, Any]:  # type: ignore[override]
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: Dict[str, Any]) -> None:
-        self.optimizer.defaults = value
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> Dict[str, Any]:
         return self.optimizer.state_dict()
