@@ -312,7 +312,7 @@ class Plan:
                 self._ring = _PointerRing(self.T, RING_SLOTS)
             self._ring.upload(self.ptrs, vals)
         else:
-            self.ptrs.copy_(torch.from_numpy(np.ascontiguousarray(vals)))
+            self.ptrs.copy_(torch.from_numpy(np.array(vals, dtype=np.int64)))  # a writable copy
         self.last_ptrs = cur
 
 
